@@ -1,0 +1,1 @@
+"""Trainer integration (transformers / TRL / PEFT aware), installed as ``rlmonitor.callbacks``."""

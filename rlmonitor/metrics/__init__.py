@@ -1,0 +1,44 @@
+"""Pure metric functions of rlmonitor (the contract: ``shared/docs/metrics.md``).
+
+Tensors in, tensors or floats out; no logging, no device moves, fp32 for SVD.
+"""
+
+from .masks import (
+    changed_mask,
+    consensus_ratio,
+    jaccard,
+    jaccard_random_baseline,
+    low_magnitude_mask,
+    mask_overlap,
+    row_col_update_ratios,
+    top_fraction_mask,
+    update_sparsity,
+)
+from .spectral import (
+    TopKSVD,
+    degrees,
+    principal_angles,
+    principal_mask,
+    spectral_drift,
+    subspace_angles,
+    top_k_svd,
+)
+
+__all__ = [
+    "TopKSVD",
+    "changed_mask",
+    "consensus_ratio",
+    "degrees",
+    "jaccard",
+    "jaccard_random_baseline",
+    "low_magnitude_mask",
+    "mask_overlap",
+    "principal_angles",
+    "principal_mask",
+    "row_col_update_ratios",
+    "spectral_drift",
+    "subspace_angles",
+    "top_fraction_mask",
+    "top_k_svd",
+    "update_sparsity",
+]

@@ -1,0 +1,225 @@
+"""bf16-aware update masks and the statistics built on them (metrics.md sections 1-3, 5).
+
+Conventions: ``W0`` is the base (reference) matrix, ``W1`` the same matrix later in
+training, both ``m x n`` (out x in, as ``torch.nn.Linear`` stores them). A mask is
+a ``torch.bool`` tensor of the weights' shape with ``True`` = *changed*.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ._checks import (
+    check_alpha,
+    check_eta,
+    check_finite,
+    check_mask,
+    check_matrix,
+    check_same_shape,
+    check_tensor,
+)
+
+__all__ = [
+    "changed_mask",
+    "consensus_ratio",
+    "jaccard",
+    "jaccard_random_baseline",
+    "low_magnitude_mask",
+    "mask_overlap",
+    "row_col_update_ratios",
+    "top_fraction_mask",
+    "update_sparsity",
+]
+
+# Two distinct bf16 numbers differ by a relative gap of at least 2^-8 (normal or
+# subnormal, same or opposite sign), so for eta below this bound the eta-test is
+# *exactly* "the bf16 values differ" and the mask is one comparison. metrics.md
+# quotes the safe bound 2^-9; we use the same.
+BITWISE_ETA_LIMIT = 2.0**-9
+
+
+def _as_bf16(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
+
+
+@torch.no_grad()
+def changed_mask(
+    w0: torch.Tensor, w1: torch.Tensor, eta: float = 1e-3, *, check_finite_values: bool = True
+) -> torch.Tensor:
+    """bf16-aware change mask ``M = 1[changed]`` (paper Def. 2.1).
+
+    A weight is *unchanged* iff ``|b1 - b0| <= eta * max(|b0|, |b1|)`` where
+    ``b0, b1`` are the bf16 casts of ``w0, w1`` (what a bf16 checkpoint stores;
+    fp32 master weights are cast first). Both-zero (including ``+0`` vs ``-0``)
+    is unchanged.
+
+    For ``eta < 2**-9`` (the default 1e-3 included) the test is equivalent to
+    "the bf16 values differ" and is computed as one comparison of the casts; for
+    larger ``eta`` the relative test is evaluated in fp32.
+
+    Args:
+        w0, w1: weights of equal shape on the same device, any floating dtype,
+            any number of dimensions (elementwise).
+        eta: relative tolerance in ``[0, 1)``.
+        check_finite_values: raise ``ValueError`` if either input holds NaN/Inf
+            (after the bf16 cast, so fp32 values beyond bf16 range count too).
+            Pass ``False`` only in hot loops that validated their inputs
+            elsewhere; non-finite weights then count as *changed*, never as
+            unchanged.
+
+    Returns:
+        ``torch.bool`` tensor of the inputs' shape, ``True`` where changed.
+    """
+    check_tensor("w0", w0)
+    check_tensor("w1", w1)
+    check_same_shape("w0", w0, "w1", w1)
+    eta = check_eta(eta)
+    b0, b1 = _as_bf16(w0.detach()), _as_bf16(w1.detach())
+    if check_finite_values:
+        check_finite("w0 (as bf16)", b0)
+        check_finite("w1 (as bf16)", b1)
+    if eta < BITWISE_ETA_LIMIT:
+        # NaN != x is True, so a non-finite weight is never "unchanged".
+        return b0 != b1
+    f0, f1 = b0.float(), b1.float()
+    # ~(diff <= tol) rather than (diff > tol): NaN comparisons are False.
+    return ~((f1 - f0).abs() <= eta * torch.maximum(f0.abs(), f1.abs()))
+
+
+@torch.no_grad()
+def update_sparsity(w0: torch.Tensor, w1: torch.Tensor, eta: float = 1e-3) -> float:
+    """Fraction of weights *unchanged* under the bf16-aware test.
+
+    ``update_sparsity = 1 - |M|_0 / n_params`` (paper Def. 2.2), with ``M`` from
+    :func:`changed_mask`. 1.0 means nothing visible changed.
+    """
+    mask = changed_mask(w0, w1, eta)
+    if mask.numel() == 0:
+        raise ValueError("w0 and w1 are empty; update sparsity is undefined for zero parameters")
+    return 1.0 - int(torch.count_nonzero(mask)) / mask.numel()
+
+
+@torch.no_grad()
+def row_col_update_ratios(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column update ratios of a change mask (paper Fig. 3).
+
+    ``rho_i = (1/n) sum_j M_ij`` (fraction of row i changed) and
+    ``kappa_j = (1/m) sum_i M_ij`` (fraction of column j changed).
+
+    Args:
+        mask: bool tensor ``(..., m, n)``; leading dimensions are batched.
+
+    Returns:
+        ``(rows, cols)``: float32 tensors of shapes ``(..., m)`` and ``(..., n)``.
+    """
+    check_mask("mask", mask, matrix=True)
+    m, n = mask.shape[-2:]
+    rows = mask.sum(dim=-1, dtype=torch.float32).div_(n)
+    cols = mask.sum(dim=-2, dtype=torch.float32).div_(m)
+    return rows, cols
+
+
+def _both_masks(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:
+    check_mask(name_a, a)
+    check_mask(name_b, b)
+    check_same_shape(name_a, a, name_b, b)
+
+
+@torch.no_grad()
+def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Jaccard index ``|A n B| / |A u B|`` of two change masks (paper Table 2).
+
+    Raises ``ValueError`` if both masks are empty (the index is undefined).
+    """
+    _both_masks(a, b, "a", "b")
+    inter = int(torch.count_nonzero(a & b))
+    union = int(torch.count_nonzero(a)) + int(torch.count_nonzero(b)) - inter
+    if union == 0:
+        raise ValueError("a and b are both empty masks (no weight changed in either); Jaccard is undefined")
+    return inter / union
+
+
+def jaccard_random_baseline(p: float, q: float) -> float:
+    """Expected Jaccard of independent random masks of densities ``p`` and ``q``.
+
+    ``E[J] = pq / (p + q - pq)`` (metrics.md section 3).
+    """
+    for name, v in (("p", p), ("q", q)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{name} must be a float density in [0, 1], got {v!r}")
+        if not (0.0 <= float(v) <= 1.0):
+            raise ValueError(f"{name} must be a density in [0, 1], got {v!r}")
+    denom = p + q - p * q
+    if denom == 0:
+        raise ValueError("p and q are both 0: two empty masks have no Jaccard baseline")
+    return float(p * q / denom)
+
+
+@torch.no_grad()
+def consensus_ratio(masks: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """Consensus ratio ``C_ij = (1/R) sum_r M_ij^(r)`` over ``R`` runs' masks.
+
+    Args:
+        masks: a sequence of ``R`` bool masks of one shape, or a bool tensor
+            stacked along dim 0.
+
+    Returns:
+        float32 tensor of the mask shape with values in ``[0, 1]``.
+    """
+    if isinstance(masks, torch.Tensor):
+        check_mask("masks", masks)
+        if masks.dim() < 1 or masks.shape[0] == 0:
+            raise ValueError(f"masks must stack at least one mask along dim 0, got shape {tuple(masks.shape)}")
+        return masks.sum(dim=0, dtype=torch.float32).div_(masks.shape[0])
+    masks = list(masks)
+    if not masks:
+        raise ValueError("masks is empty; pass the change masks of at least one run")
+    first = check_mask("masks[0]", masks[0])
+    total = torch.zeros(first.shape, dtype=torch.float32, device=first.device)
+    for i, m in enumerate(masks):
+        check_mask(f"masks[{i}]", m)
+        check_same_shape("masks[0]", first, f"masks[{i}]", m)
+        total += m
+    return total.div_(len(masks))
+
+
+def top_fraction_mask(scores: torch.Tensor, alpha: float, *, largest: bool = True) -> torch.Tensor:
+    """Mask of exactly ``round(alpha * numel)`` (at least 1) entries with the largest
+    (or smallest) ``scores``; ties are broken by position."""
+    alpha = check_alpha("alpha", alpha)
+    flat = scores.reshape(-1)
+    count = min(flat.numel(), max(1, round(alpha * flat.numel())))
+    idx = torch.topk(flat, count, largest=largest, sorted=False).indices
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    mask[idx] = True
+    return mask.view(scores.shape)
+
+
+@torch.no_grad()
+def low_magnitude_mask(w0: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``M_low``: the bottom-``alpha`` fraction of ``|W0_ij|`` (metrics.md section 5)."""
+    check_matrix("w0", w0)
+    check_finite("w0", w0)
+    return top_fraction_mask(w0.detach().abs(), alpha, largest=False)
+
+
+@torch.no_grad()
+def mask_overlap(mask_x: torch.Tensor, update_mask: torch.Tensor) -> float:
+    """``Overlap(Mx, M) = |Mx n M| / |M|`` (metrics.md section 5).
+
+    Compare with the random baseline ``alpha`` = density of ``mask_x``: RLVR
+    updates overlap the principal mask *below* alpha and the low-magnitude mask
+    *above* it.
+
+    Raises ``ValueError`` if ``update_mask`` is empty (no weight changed).
+    """
+    _both_masks(mask_x, update_mask, "mask_x", "update_mask")
+    denom = int(torch.count_nonzero(update_mask))
+    if denom == 0:
+        raise ValueError(
+            "update_mask is empty (no weight changed), so the overlap is undefined; "
+            "skip this matrix or wait until training has moved it"
+        )
+    return int(torch.count_nonzero(mask_x & update_mask)) / denom

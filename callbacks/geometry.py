@@ -1,0 +1,301 @@
+"""``GeometryCallback``: live weight geometry of any transformers ``Trainer`` run
+(TRL's ``GRPOTrainer`` and ``SFTTrainer`` included), streamed to W&B and to local files.
+
+Usage::
+
+    from rlmonitor import GeometryCallback
+    trainer = GRPOTrainer(..., args=GRPOConfig(report_to="wandb", ...), callbacks=[GeometryCallback()])
+
+At train start the callback snapshots the step-0 weights of every monitored
+matrix (see :class:`~rlmonitor.config.GeometryConfig`), persists them under
+``<output_dir>/rlmonitor/base`` (a resumed run reloads them), and computes their
+top-k SVD factors and masks on the monitor's background thread. Every
+``every_n_steps`` optimizer steps (and at the last step) it copies the current
+weights and hands them to the worker, which computes the metrics documented in
+:mod:`rlmonitor.geometry` and writes them to ``<output_dir>/rlmonitor/metrics.jsonl``.
+Records are logged to the Trainer's W&B run from the main thread, on the
+Trainer's x-axis ``train/global_step``, at the next step/log event.
+
+Only the main process measures and logs. Any failure after setup is warned
+about, counted in ``geometry/errors``, and training continues.
+
+Logged metrics (besides :mod:`rlmonitor.geometry`'s):
+
+- ``geometry/snapshot_seconds``: training-thread time spent taking the snapshot.
+- ``geometry/snapshot_bytes``: bytes held by base state and snapshots.
+- ``geometry/dropped_snapshots``: snapshots skipped because the worker was busy.
+- ``geometry/base_is_resumed``: 1 if no saved base was found on resume and the
+  resumed weights serve as base (else absent).
+- ``geometry/plots/<figure>``: dashboard images (see :mod:`rlmonitor.dashboards`).
+- ``geometry/plots/principal_angle_curves``: line series theta_i (deg) vs i.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+from rlmonitor.config import GeometryConfig
+from rlmonitor.dashboards import Dashboard, save_figures
+from rlmonitor.geometry import GeometryAnalyzer, GeometryRecord
+from rlmonitor.sinks import LocalSink, LogItem, WandbSink
+from rlmonitor.snapshot import Snapshot, SnapshotTaker, load_base, save_base
+from rlmonitor.worker import MonitorWorker
+
+from .weights import MatrixRef, find_matrices
+
+__all__ = ["GeometryCallback", "GeometryConfig"]
+
+_GIB = 1024**3
+
+
+def _figure_array(fig: Any) -> np.ndarray:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+class GeometryCallback(TrainerCallback):
+    """Live weight-geometry monitor. ``GeometryCallback(every_n_steps=10, k=8)``
+    is shorthand for ``GeometryCallback(GeometryConfig(every_n_steps=10, k=8))``."""
+
+    def __init__(self, config: GeometryConfig | None = None, **overrides: Any) -> None:
+        unknown = set(overrides) - GeometryConfig.field_names()
+        if unknown:
+            raise TypeError(
+                f"GeometryCallback got unknown option(s) {sorted(unknown)}; valid options are the fields of "
+                f"GeometryConfig: {sorted(GeometryConfig.field_names())}"
+            )
+        config = config or GeometryConfig()
+        self.config = dataclasses.replace(config, **overrides) if overrides else config
+        self.errors = 0
+        self._active = False
+        self._warned = False
+        self.folder: Path | None = None
+        self.refs: list[MatrixRef] = []
+        self.analyzer: GeometryAnalyzer | None = None
+        self.worker: MonitorWorker | None = None
+        self.local: LocalSink | None = None
+        self.wandb: WandbSink | None = None
+        self._outbox: list[LogItem] = []
+        self._last_step: int | None = None
+        self._base_is_resumed = False
+
+    # -- helpers ------------------------------------------------------------
+    def _fail(self, where: str, e: Exception) -> None:
+        self.errors += 1
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"rlmonitor: {where} failed ({type(e).__name__}: {e}); training continues, "
+                "failures are counted in geometry/errors",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def total_errors(self) -> int:
+        return self.errors + (self.analyzer.errors if self.analyzer else 0) + (self.worker.errors if self.worker else 0)
+
+    def _snapshot_dtype(self) -> torch.dtype | None:
+        return {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}[self.config.snapshot_dtype]
+
+    def estimate_bytes(self, refs: list[MatrixRef]) -> int:
+        """Upper estimate of CPU memory the monitor holds: base + current +
+        previous + one queued snapshot, the masks and two sets of factors."""
+        cfg = self.config
+        dtype = self._snapshot_dtype()
+        copies = 3 + (1 if cfg.compare_previous else 0)
+        rank = cfg.k + cfg.oversample
+        total = 0
+        for r in refs:
+            m, n = r.spec.shape
+            elem = (dtype or r.module.base_layer.weight.dtype if r.lora else dtype or r.module.weight.dtype).itemsize
+            if r.lora:  # effective weights are computed in the base dtype
+                elem = (dtype.itemsize if dtype else r.module.base_layer.weight.dtype.itemsize)
+            total += m * n * (elem * copies + (3 if cfg.spectral else 1))
+            if cfg.spectral:
+                total += 2 * 4 * (m + n + 1) * min(rank, m, n)
+        return total
+
+    # -- Trainer events -------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if not state.is_world_process_zero or model is None:
+            return
+        cfg = self.config
+        refs = find_matrices(model, cfg)
+        if not refs:
+            raise ValueError(
+                "GeometryCallback found no weight matrix to monitor: GeometryConfig.include="
+                f"{cfg.include!r} matched no 2-D module weight (exclude={cfg.exclude!r}). Give patterns that "
+                "match your model's module names, e.g. include=(r'_proj$',)."
+            )
+        need = self.estimate_bytes(refs)
+        if need > cfg.max_snapshot_memory_gb * _GIB:
+            raise ValueError(
+                f"GeometryCallback needs about {need / _GIB:.2f} GiB of CPU memory for {len(refs)} matrices but "
+                f"max_snapshot_memory_gb={cfg.max_snapshot_memory_gb}. Raise max_snapshot_memory_gb, or set "
+                "snapshot_dtype='bfloat16', compare_previous=False, spectral=False, or monitor fewer modules "
+                "with include=/exclude= patterns."
+            )
+        try:
+            self._setup(args, state, refs)
+        except Exception as e:
+            self._fail("setup", e)
+            self._active = False
+
+    def _setup(self, args, state, refs: list[MatrixRef]) -> None:
+        cfg = self.config
+        self.refs = refs
+        self.folder = Path(args.output_dir) / cfg.output_subdir
+        self.local = LocalSink(self.folder)
+        run = WandbSink.active_run() if cfg.wandb == "auto" else None
+        self.wandb = WandbSink(run) if run is not None else None
+        specs = [r.spec for r in refs]
+        layers = sorted({s.layer for s in specs if s.layer is not None})
+        heat_layers = cfg.heatmap_layers if cfg.heatmap_layers is not None else (layers[len(layers) // 2],) if layers else ()
+        profile_names = [s.name for s in specs if s.layer in heat_layers and s.kind in cfg.heatmap_kinds]
+        self.analyzer = GeometryAnalyzer(cfg, specs, profile_names=profile_names)
+        self.dashboard = Dashboard(self.analyzer.specs, smooth_window=cfg.smooth_window)
+        self.worker = MonitorWorker(async_=cfg.async_metrics, max_pending=1)
+        self.taker = SnapshotTaker(self._snapshot_dtype())
+        self._snapshots_done = 0
+
+        base_dir = self.folder / "base"
+        loaded = load_base(base_dir) if state.global_step > 0 else None
+        names = {r.spec.name: r.spec.shape for r in refs}
+        if loaded is not None and all(n in loaded[0] and tuple(loaded[0][n].shape) == s for n, s in names.items()):
+            weights, factors, meta = loaded
+            self.worker.submit(lambda: self.analyzer.set_base(weights, factors), block=True)
+        else:
+            if state.global_step > 0:
+                self._base_is_resumed = True
+                warnings.warn(
+                    f"rlmonitor: resuming at step {state.global_step} but no saved base snapshot in {base_dir}; "
+                    "measuring against the resumed weights (geometry/base_is_resumed=1)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            snap = self.taker.take(state.global_step, self._iter_weights(), pooled=False)
+            meta = {"step": state.global_step, "matrices": {n: list(s) for n, s in names.items()},
+                    "config": dataclasses.asdict(cfg)}
+
+            def base_job(snap: Snapshot = snap) -> None:
+                snap.wait()
+                self.analyzer.set_base(snap.tensors)
+                save_base(base_dir, snap.tensors, self.analyzer.base_factors(), meta)
+
+            self.worker.submit(base_job, block=True)
+        self._active = True
+        self._last_step = state.global_step
+
+    def _iter_weights(self):
+        for r in self.refs:
+            yield r.spec.name, r.weight()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if not self._active:
+            return
+        try:
+            step = state.global_step
+            if step % self.config.every_n_steps == 0 and step != self._last_step:
+                self.measure(step)
+            self._drain()
+        except Exception as e:
+            self._fail("on_step_end", e)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self._active:
+            return
+        try:
+            self._drain()
+        except Exception as e:
+            self._fail("on_log", e)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if not self._active:
+            return
+        try:
+            if state.global_step != self._last_step:
+                self.measure(state.global_step, final=True)
+            self.worker.flush()
+            self.worker.submit(self._final_plots, block=True)
+            self.worker.flush()
+            self._drain()
+        except Exception as e:
+            self._fail("on_train_end", e)
+        finally:
+            if self.worker is not None:
+                self.worker.close()
+            self._active = False
+
+    # -- measuring -------------------------------------------------------------
+    def measure(self, step: int, final: bool = False, extra: dict[str, float] | None = None) -> bool:
+        """Snapshot now and queue the analysis. Returns False if it was dropped."""
+        if not self.worker.has_room():
+            self.worker.submit(lambda: None)  # counts the drop and warns once
+            return False
+        snap = self.taker.take(step, self._iter_weights())
+        snap.extra = dict(extra or {})
+        self._last_step = step
+        return self.worker.submit(lambda: self._analyze(snap, final), block=final)
+
+    def _analyze(self, snap: Snapshot, final: bool) -> None:
+        snap.wait()
+        rec: GeometryRecord = self.analyzer.analyze(snap.step, snap.tensors)
+        snap.tensors = {}
+        self._snapshots_done += 1
+        scalars = dict(rec.scalars)
+        scalars.update(snap.extra)
+        scalars["geometry/snapshot_seconds"] = snap.seconds
+        scalars["geometry/snapshot_bytes"] = float(self.analyzer.memory_bytes())
+        scalars["geometry/dropped_snapshots"] = float(self.worker.dropped)
+        scalars["geometry/errors"] = float(self.total_errors())
+        if self._base_is_resumed:
+            scalars["geometry/base_is_resumed"] = 1.0
+        item = LogItem(step=snap.step, scalars=scalars)
+        self.dashboard.update(rec)
+        every = self.config.plot_every_n_snapshots
+        if not final and every and self._snapshots_done % every == 0:
+            self._add_plots(item)
+        self.local.write(item)
+        self.local.write_matrices(snap.step, rec.matrices)
+        self._outbox.append(item)
+
+    def _add_plots(self, item: LogItem) -> None:
+        figs = self.dashboard.figures()
+        save_figures(figs, self.local.plots)
+        if self.wandb is not None:
+            item.images = {f"geometry/plots/{name}": _figure_array(fig) for name, fig in figs.items()}
+        curves = self.dashboard.angle_curves
+        if curves:
+            names = list(curves)[:8]
+            k = min(len(curves[n]["left"]) for n in names)
+            item.series["geometry/plots/principal_angle_curves"] = {
+                "xs": list(range(1, k + 1)),
+                "ys": [curves[n]["left"][:k] for n in names],
+                "keys": names,
+                "title": f"principal angles (left, deg) at step {item.step}",
+                "xname": "i",
+            }
+
+    def _final_plots(self) -> None:
+        if not self.dashboard.steps:
+            return
+        item = LogItem(step=self.dashboard.steps[-1])
+        self._add_plots(item)
+        self._outbox.append(item)
+
+    def _drain(self) -> None:
+        """Log finished records to W&B from the main thread."""
+        while self._outbox:
+            item = self._outbox.pop(0)
+            if self.wandb is not None:
+                self.wandb.write(item)

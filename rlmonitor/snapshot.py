@@ -1,0 +1,134 @@
+"""Weight snapshots: cheap copies taken on the training thread, read by the worker.
+
+Design (GPU): snapshots live in *pinned CPU memory* and are filled by
+asynchronous device-to-host copies on a side CUDA stream. The training thread
+only enqueues the copies (no host sync); the training stream waits for the side
+stream before its next kernel, so the optimizer cannot overwrite a weight that is
+still being copied. GPU memory is untouched (a second copy of an 8B model would
+not fit beside training), the math runs on the worker thread in CPU memory, and
+the GPU cost is one PCIe transfer per interval. Pinned buffers are reused from a
+small pool (allocating pinned memory is slow).
+
+CPU tensors are simply copied (``Tensor.to(..., copy=True)``).
+
+The step-0 base is persisted with :func:`save_base` / :func:`load_base`
+(safetensors) so a resumed run measures against the true base.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .metrics import TopKSVD
+
+__all__ = ["Snapshot", "SnapshotTaker", "load_base", "save_base"]
+
+
+@dataclass
+class Snapshot:
+    step: int
+    tensors: dict[str, torch.Tensor]
+    seconds: float = 0.0
+    event: Any = None  # torch.cuda.Event when copies are in flight
+    slot: int | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def wait(self) -> None:
+        """Block until asynchronous copies have landed (call from the worker)."""
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+
+
+class SnapshotTaker:
+    """Copies named tensors into snapshots.
+
+    Args:
+        dtype: storage dtype, or None to keep each tensor's own dtype.
+        slots: pinned buffer sets in the pool (must cover base-free snapshots
+            alive at once: the worker's current and previous, the queued one and
+            the one being taken).
+    """
+
+    def __init__(self, dtype: torch.dtype | None = None, slots: int = 4) -> None:
+        self.dtype = dtype
+        self.slots = slots
+        self._pool: list[dict[str, torch.Tensor]] = [{} for _ in range(slots)]
+        self._count = 0
+        self._stream = None
+
+    def take(self, step: int, tensors: Iterable[tuple[str, torch.Tensor]], *, pooled: bool = True) -> Snapshot:
+        t0 = time.perf_counter()
+        out: dict[str, torch.Tensor] = {}
+        slot = self._count % self.slots if pooled else None
+        self._count += 1
+        cuda_used = False
+        for name, t in tensors:
+            dtype = self.dtype or t.dtype
+            if t.is_cuda:
+                cuda_used = True
+                if self._stream is None:
+                    self._stream = torch.cuda.Stream(device=t.device)
+                if slot is not None:
+                    buf = self._pool[slot].get(name)
+                    if buf is None or buf.shape != t.shape or buf.dtype != dtype:
+                        buf = torch.empty(t.shape, dtype=dtype, pin_memory=True)
+                        self._pool[slot][name] = buf
+                else:
+                    buf = torch.empty(t.shape, dtype=dtype, pin_memory=True)
+                self._stream.wait_stream(torch.cuda.current_stream(t.device))
+                with torch.cuda.stream(self._stream):
+                    src = t if t.dtype == dtype else t.to(dtype)
+                    buf.copy_(src, non_blocking=True)
+                    src.record_stream(self._stream)
+                out[name] = buf
+            else:
+                out[name] = t.detach().to(dtype=dtype, copy=True)
+        event = None
+        if cuda_used:
+            event = self._stream.record_event()
+            # the optimizer's next in-place update must wait for the copies
+            torch.cuda.current_stream().wait_stream(self._stream)
+        return Snapshot(step=step, tensors=out, seconds=time.perf_counter() - t0, event=event, slot=slot)
+
+
+def save_base(folder: str | Path, weights: dict[str, torch.Tensor], factors: dict[str, TopKSVD],
+              meta: dict[str, Any]) -> None:
+    """Persist the base snapshot and its top-k factors (atomic renames)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {name: w.contiguous() for name, w in weights.items()}
+    for name, f in factors.items():
+        tensors[f"{name}::U"], tensors[f"{name}::S"], tensors[f"{name}::V"] = (x.contiguous() for x in f)
+    tmp = folder / "base.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(folder / "base.safetensors")
+    (folder / "base_meta.json").write_text(json.dumps(meta, indent=2))
+
+
+def load_base(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, TopKSVD], dict[str, Any]] | None:
+    """Load what :func:`save_base` wrote, or None if there is nothing."""
+    folder = Path(folder)
+    path, meta_path = folder / "base.safetensors", folder / "base_meta.json"
+    if not path.exists() or not meta_path.exists():
+        return None
+    tensors = load_file(str(path))
+    weights = {k: v for k, v in tensors.items() if "::" not in k}
+    factors = {
+        name: TopKSVD(tensors[f"{name}::U"], tensors[f"{name}::S"], tensors[f"{name}::V"])
+        for name in weights
+        if f"{name}::U" in tensors
+    }
+    return weights, factors, json.loads(meta_path.read_text())

@@ -1,0 +1,76 @@
+"""The monitoring agent's thread: runs metric jobs off the training loop.
+
+Jobs are plain callables. The queue is bounded: when the worker is still busy
+with earlier snapshots, a new job is *dropped* (counted, warned once) rather than
+stalling training. A job that raises is counted and warned about; the worker
+keeps going. With ``async_=False`` jobs run inline (deterministic, for debugging).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import warnings
+from collections.abc import Callable
+
+__all__ = ["MonitorWorker"]
+
+
+class MonitorWorker:
+    def __init__(self, async_: bool = True, max_pending: int = 1, name: str = "rlmonitor-worker") -> None:
+        self.async_ = async_
+        self.errors = 0
+        self.dropped = 0
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=max(1, max_pending))
+        self._thread: threading.Thread | None = None
+        if async_:
+            self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+            self._thread.start()
+
+    def _run(self, job: Callable[[], None]) -> None:
+        try:
+            job()
+        except Exception as e:
+            self.errors += 1
+            warnings.warn(f"rlmonitor: a monitoring job failed ({type(e).__name__}: {e}); training continues",
+                          RuntimeWarning, stacklevel=2)
+
+    def _loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is None:
+                    return
+                self._run(job)
+            finally:
+                self._queue.task_done()
+
+    def has_room(self) -> bool:
+        return not self.async_ or not self._queue.full()
+
+    def submit(self, job: Callable[[], None], *, block: bool = False) -> bool:
+        """Run ``job`` (inline or queued). Returns False if it was dropped."""
+        if not self.async_:
+            self._run(job)
+            return True
+        try:
+            self._queue.put(job, block=block)
+            return True
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped == 1:
+                warnings.warn("rlmonitor: the monitor is still busy with an earlier snapshot; dropping this one "
+                              "(raise every_n_steps or disable spectral metrics to keep up)",
+                              RuntimeWarning, stacklevel=2)
+            return False
+
+    def flush(self) -> None:
+        """Wait until every queued job has run."""
+        if self.async_:
+            self._queue.join()
+
+    def close(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._thread = None

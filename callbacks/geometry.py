@@ -48,9 +48,10 @@ from rlmonitor.sinks import LocalSink, LogItem, WandbSink
 from rlmonitor.snapshot import Snapshot, SnapshotTaker, load_base, save_base
 from rlmonitor.worker import MonitorWorker
 
+from .kl import KLProbe, KLProbeConfig
 from .weights import MatrixRef, find_matrices
 
-__all__ = ["GeometryCallback", "GeometryConfig"]
+__all__ = ["GeometryCallback", "GeometryConfig", "KLProbeConfig"]
 
 _GIB = 1024**3
 
@@ -65,9 +66,18 @@ def _figure_array(fig: Any) -> np.ndarray:
 
 class GeometryCallback(TrainerCallback):
     """Live weight-geometry monitor. ``GeometryCallback(every_n_steps=10, k=8)``
-    is shorthand for ``GeometryCallback(GeometryConfig(every_n_steps=10, k=8))``."""
+    is shorthand for ``GeometryCallback(GeometryConfig(every_n_steps=10, k=8))``.
 
-    def __init__(self, config: GeometryConfig | None = None, **overrides: Any) -> None:
+    Args:
+        config: what to measure (:class:`~rlmonitor.config.GeometryConfig`).
+        kl: the KL-to-base probe (:class:`~rlmonitor.callbacks.kl.KLProbeConfig`);
+            on by default, ``None`` or ``False`` switches it off.
+        **overrides: ``GeometryConfig`` fields.
+    """
+
+    def __init__(
+        self, config: GeometryConfig | None = None, *, kl: KLProbeConfig | bool | None = True, **overrides: Any
+    ) -> None:
         unknown = set(overrides) - GeometryConfig.field_names()
         if unknown:
             raise TypeError(
@@ -88,6 +98,15 @@ class GeometryCallback(TrainerCallback):
         self._outbox: list[LogItem] = []
         self._last_step: int | None = None
         self._base_is_resumed = False
+        if kl is True:
+            kl = KLProbeConfig()
+        self.kl_config: KLProbeConfig | None = kl if isinstance(kl, KLProbeConfig) and kl.enabled else None
+        self.probe: KLProbe | None = None
+
+    @property
+    def kl_every(self) -> int:
+        assert self.kl_config is not None
+        return self.kl_config.kl_every_n_steps or self.config.every_n_steps
 
     # -- helpers ------------------------------------------------------------
     def _fail(self, where: str, e: Exception) -> None:
@@ -150,6 +169,33 @@ class GeometryCallback(TrainerCallback):
         except Exception as e:
             self._fail("setup", e)
             self._active = False
+            return
+        if self.kl_config is not None:
+            self._setup_probe(state, model, kwargs)
+
+    def _setup_probe(self, state, model, kwargs) -> None:
+        """Build (or reload) the KL probe. Bad probe input is a ValueError at train
+        start; anything else (e.g. out of memory) disables the probe with a warning."""
+        probe = KLProbe(self.kl_config)
+        base_dir = self.folder / "base"
+        try:
+            if not (state.global_step > 0 and probe.load(base_dir, model)):
+                loader = kwargs.get("train_dataloader")
+                dataset = getattr(loader, "dataset", None)
+                probe.setup(model, kwargs.get("processing_class"), dataset)
+                probe.save(base_dir)
+            scalars = probe.measure(model)
+        except ValueError:
+            raise
+        except Exception as e:
+            self._fail("KL probe setup", e)
+            return
+        self.probe = probe
+        self._emit(LogItem(step=state.global_step, scalars=scalars))
+
+    def _emit(self, item: LogItem) -> None:
+        self.local.write(item)
+        self._outbox.append(item)
 
     def _setup(self, args, state, refs: list[MatrixRef]) -> None:
         cfg = self.config
@@ -205,11 +251,25 @@ class GeometryCallback(TrainerCallback):
             return
         try:
             step = state.global_step
+            kl = self._probe_kl(model) if self.probe is not None and step % self.kl_every == 0 else {}
             if step % self.config.every_n_steps == 0 and step != self._last_step:
-                self.measure(step)
+                self.measure(step, extra=kl)
+            elif kl:
+                self._emit(LogItem(step=step, scalars=kl))
             self._drain()
         except Exception as e:
             self._fail("on_step_end", e)
+
+    def _probe_kl(self, model) -> dict[str, float]:
+        try:
+            return self.probe.measure(model)
+        except torch.OutOfMemoryError as e:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self._fail("KL probe forward (out of memory)", e)
+        except Exception as e:
+            self._fail("KL probe forward", e)
+        return {}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self._active:
@@ -254,6 +314,9 @@ class GeometryCallback(TrainerCallback):
         self._snapshots_done += 1
         scalars = dict(rec.scalars)
         scalars.update(snap.extra)
+        step_kl, step_w = scalars.get("kl/step_forward"), scalars.get("geometry/weight_step_fro2")
+        if step_kl and step_w is not None and self.kl_config is not None and self.kl_every == self.config.every_n_steps:
+            scalars["kl/weight_step_ratio"] = step_w / (2.0 * step_kl)
         scalars["geometry/snapshot_seconds"] = snap.seconds
         scalars["geometry/snapshot_bytes"] = float(self.analyzer.memory_bytes())
         scalars["geometry/dropped_snapshots"] = float(self.worker.dropped)
@@ -265,9 +328,8 @@ class GeometryCallback(TrainerCallback):
         every = self.config.plot_every_n_snapshots
         if not final and every and self._snapshots_done % every == 0:
             self._add_plots(item)
-        self.local.write(item)
         self.local.write_matrices(snap.step, rec.matrices)
-        self._outbox.append(item)
+        self._emit(item)
 
     def _add_plots(self, item: LogItem) -> None:
         figs = self.dashboard.figures()
@@ -291,7 +353,7 @@ class GeometryCallback(TrainerCallback):
             return
         item = LogItem(step=self.dashboard.steps[-1])
         self._add_plots(item)
-        self._outbox.append(item)
+        self._emit(item)
 
     def _drain(self) -> None:
         """Log finished records to W&B from the main thread."""

@@ -10,8 +10,12 @@ __all__ = ["GeometryCallback", "GeometryConfig", "__version__"]
 def __getattr__(name: str):
     # The Trainer integration imports transformers; load it only when asked for so
     # that `import rlmonitor.metrics` stays light.
-    if name in ("GeometryCallback", "GeometryConfig"):
-        from .callbacks import geometry
+    if name == "GeometryCallback":
+        from .callbacks.geometry import GeometryCallback
 
-        return getattr(geometry, name)
+        return GeometryCallback
+    if name == "GeometryConfig":
+        from .config import GeometryConfig
+
+        return GeometryConfig
     raise AttributeError(f"module 'rlmonitor' has no attribute {name!r}")

@@ -3,6 +3,7 @@
 Tensors in, tensors or floats out; no logging, no device moves, fp32 for SVD.
 """
 
+from .kl import TopKLogProbs, compress_logprobs, token_kl, token_kl_topk
 from .masks import (
     changed_mask,
     consensus_ratio,
@@ -25,8 +26,10 @@ from .spectral import (
 )
 
 __all__ = [
+    "TopKLogProbs",
     "TopKSVD",
     "changed_mask",
+    "compress_logprobs",
     "consensus_ratio",
     "degrees",
     "jaccard",
@@ -38,6 +41,8 @@ __all__ = [
     "row_col_update_ratios",
     "spectral_drift",
     "subspace_angles",
+    "token_kl",
+    "token_kl_topk",
     "top_fraction_mask",
     "top_k_svd",
     "update_sparsity",

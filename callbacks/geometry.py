@@ -126,20 +126,25 @@ class GeometryCallback(TrainerCallback):
     def _snapshot_dtype(self) -> torch.dtype | None:
         return {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}[self.config.snapshot_dtype]
 
-    def estimate_bytes(self, refs: list[MatrixRef]) -> int:
-        """Upper estimate of CPU memory the monitor holds: base + current +
-        previous + one queued snapshot, the masks and two sets of factors."""
-        cfg = self.config
+    def snapshot_bytes(self, refs: list[MatrixRef]) -> int:
+        """Bytes of one snapshot of ``refs`` (effective weights keep the base dtype)."""
         dtype = self._snapshot_dtype()
-        copies = 3 + (1 if cfg.compare_previous else 0)
-        rank = cfg.k + cfg.oversample
         total = 0
         for r in refs:
+            w = r.module.base_layer.weight if r.lora else r.module.weight
+            total += r.spec.numel * (dtype or w.dtype).itemsize
+        return total
+
+    def estimate_bytes(self, refs: list[MatrixRef], pending: int = 1) -> int:
+        """CPU memory the monitor holds: base, current and previous snapshots plus
+        ``pending`` queued ones, the masks and two sets of top-k factors."""
+        cfg = self.config
+        copies = 2 + pending + (1 if cfg.compare_previous else 0)
+        rank = cfg.k + cfg.oversample
+        total = copies * self.snapshot_bytes(refs)
+        for r in refs:
             m, n = r.spec.shape
-            elem = (dtype or r.module.base_layer.weight.dtype if r.lora else dtype or r.module.weight.dtype).itemsize
-            if r.lora:  # effective weights are computed in the base dtype
-                elem = (dtype.itemsize if dtype else r.module.base_layer.weight.dtype.itemsize)
-            total += m * n * (elem * copies + (3 if cfg.spectral else 1))
+            total += m * n * (3 if cfg.spectral else 1)
             if cfg.spectral:
                 total += 2 * 4 * (m + n + 1) * min(rank, m, n)
         return total
@@ -164,6 +169,10 @@ class GeometryCallback(TrainerCallback):
                 "snapshot_dtype='bfloat16', compare_previous=False, spectral=False, or monitor fewer modules "
                 "with include=/exclude= patterns."
             )
+        # queue as many snapshots as the budget allows (at most 8): fast steps never drop one
+        per_snapshot = max(self.snapshot_bytes(refs), 1)
+        spare = int((cfg.max_snapshot_memory_gb * _GIB - need) // per_snapshot)
+        self._max_pending = max(1, min(8, 1 + spare))
         try:
             self._setup(args, state, refs)
         except Exception as e:
@@ -210,8 +219,9 @@ class GeometryCallback(TrainerCallback):
         profile_names = [s.name for s in specs if s.layer in heat_layers and s.kind in cfg.heatmap_kinds]
         self.analyzer = GeometryAnalyzer(cfg, specs, profile_names=profile_names)
         self.dashboard = Dashboard(self.analyzer.specs, smooth_window=cfg.smooth_window)
-        self.worker = MonitorWorker(async_=cfg.async_metrics, max_pending=1)
-        self.taker = SnapshotTaker(self._snapshot_dtype())
+        self.worker = MonitorWorker(async_=cfg.async_metrics, max_pending=self._max_pending)
+        # pinned buffer sets: current + previous analysed, queued ones, and the one being taken
+        self.taker = SnapshotTaker(self._snapshot_dtype(), slots=self._max_pending + 3)
         self._snapshots_done = 0
 
         base_dir = self.folder / "base"
@@ -299,7 +309,7 @@ class GeometryCallback(TrainerCallback):
     # -- measuring -------------------------------------------------------------
     def measure(self, step: int, final: bool = False, extra: dict[str, float] | None = None) -> bool:
         """Snapshot now and queue the analysis. Returns False if it was dropped."""
-        if not self.worker.has_room():
+        if not final and not self.worker.has_room():
             self.worker.submit(lambda: None)  # counts the drop and warns once
             return False
         snap = self.taker.take(step, self._iter_weights())

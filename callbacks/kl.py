@@ -119,12 +119,27 @@ def _lora_keeps_base(model: Any) -> bool:
     return True
 
 
-def _prompt_text(row: Any, tokenizer: Any) -> str | None:
-    prompt = row.get("prompt") if isinstance(row, dict) else None
-    if isinstance(prompt, str):
-        return prompt
+def _prompt_ids(row: Any, tokenizer: Any) -> list[int] | None:
+    """Prompt token ids of a dataset row: a ``prompt`` string or chat messages
+    (GRPO-style), or the prompt part of a tokenized row (``input_ids`` with a
+    ``completion_mask``, or ``labels`` of -100 over the prompt, as SFTTrainer
+    prepares them). None if there is none."""
+    if not isinstance(row, dict):
+        return None
+    prompt = row.get("prompt")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt.strip() else None
+    ids = row.get("input_ids")
+    if not isinstance(ids, list):
+        return None
+    mask, labels = row.get("completion_mask"), row.get("labels")
+    if isinstance(mask, list) and 1 in mask:
+        return list(ids[: mask.index(1)]) or None
+    if isinstance(labels, list):  # SFT rows: labels are -100 on the prompt
+        first = next((i for i, label in enumerate(labels) if label != -100), None)
+        return list(ids[:first]) or None if first else None
     return None
 
 
@@ -156,26 +171,28 @@ class KLProbe:
         self.use_disabled_adapters = False
 
     # -- setup ------------------------------------------------------------
-    def select_prompts(self, tokenizer: Any, dataset: Any) -> list[str]:
+    def select_prompts(self, tokenizer: Any, dataset: Any) -> list[list[int]]:
+        """Token ids of the probe prompts: the configured ones, or ``kl_probe_size``
+        distinct prompts drawn (seeded) from the train dataset."""
         cfg = self.config
         if cfg.prompts is not None:
-            return list(cfg.prompts)[: cfg.kl_probe_size]
+            return [list(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in cfg.prompts[: cfg.kl_probe_size]]
         if dataset is None:
             raise ValueError("KL probe: the trainer has no train dataset; pass KLProbeConfig(prompts=[...])")
-        n = len(dataset)
-        order = list(range(n))
+        order = list(range(len(dataset)))
         random.Random(cfg.seed).shuffle(order)
-        prompts: list[str] = []
+        prompts: list[list[int]] = []
         for i in order[: max(cfg.kl_probe_size * 20, 64)]:
-            text = _prompt_text(dataset[i], tokenizer)
-            if text and text.strip() and text not in prompts:
-                prompts.append(text)
+            ids = _prompt_ids(dataset[i], tokenizer)
+            if ids and ids not in prompts:
+                prompts.append(ids)
             if len(prompts) == cfg.kl_probe_size:
                 break
         if not prompts:
             raise ValueError(
                 "KL probe: no usable prompt in the train dataset (expected a 'prompt' column of strings or chat "
-                "messages); pass KLProbeConfig(prompts=[...]) or disable the probe with kl=None"
+                "messages, or tokenized rows with a completion_mask); pass KLProbeConfig(prompts=[...]) or "
+                "switch the probe off with GeometryCallback(kl=None)"
             )
         return prompts
 
@@ -191,8 +208,7 @@ class KLProbe:
         prompts = self.select_prompts(tokenizer, dataset)
         device = next(model.parameters()).device
         encoded = []
-        for p in prompts:
-            ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+        for ids in prompts:
             if not ids:
                 continue
             if len(ids) > cfg.kl_probe_max_prompt_tokens:

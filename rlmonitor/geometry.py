@@ -111,6 +111,10 @@ class _Base:
 
 
 def _pearson(x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """Pearson correlation; 1.0 for identical profiles (constant ones included),
+    None when one profile is constant and the other is not (undefined)."""
+    if torch.equal(x, y):
+        return 1.0
     x = x.double() - x.double().mean()
     y = y.double() - y.double().mean()
     den = float(x.norm() * y.norm())

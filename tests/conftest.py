@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny offline Qwen2 model saved to disk, and W&B offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> str:
+    """A random 2-layer Qwen2 model + char tokenizer saved with save_pretrained."""
+    from rlmonitor.toy import TinyModelConfig, build_tiny_model, build_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    tok = build_tokenizer()
+    model = build_tiny_model(tok, TinyModelConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def digit_reward(completions, **kwargs):
+    """A reward with variance even for a random model: fraction of digit characters."""
+    return [sum(c.isdigit() for c in s) / max(len(s), 1) for s in completions]
+
+
+def wandb_history(run_dir: Path) -> list[dict]:
+    """History rows that really reached the offline run's .wandb file, read with
+    `wandb leet inspect --json` (an independent reader of the transaction log)."""
+    files = sorted(Path(run_dir).rglob("*.wandb"))
+    assert files, f"no .wandb file under {run_dir}"
+    exe = Path(sys.executable).parent / "wandb"
+    out = subprocess.run([str(exe), "leet", "inspect", "--json", str(files[-1])], capture_output=True,
+                         text=True, check=True, timeout=120).stdout
+    rows = []
+    for line in out.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("type") == "history":
+            rows.append(rec["history"]["item"])
+    return rows

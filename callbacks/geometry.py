@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,8 @@ class GeometryCallback(TrainerCallback):
             kl = KLProbeConfig()
         self.kl_config: KLProbeConfig | None = kl if isinstance(kl, KLProbeConfig) and kl.enabled else None
         self.probe: KLProbe | None = None
+        #: called with every finished LogItem on the main thread (e.g. collapse detection)
+        self.listeners: list[Callable[[LogItem], None]] = []
 
     @property
     def kl_every(self) -> int:
@@ -210,7 +213,7 @@ class GeometryCallback(TrainerCallback):
         cfg = self.config
         self.refs = refs
         self.folder = Path(args.output_dir) / cfg.output_subdir
-        self.local = LocalSink(self.folder)
+        self.local = LocalSink.for_folder(self.folder)
         run = WandbSink.active_run() if cfg.wandb == "auto" else None
         self.wandb = WandbSink(run) if run is not None else None
         specs = [r.spec for r in refs]
@@ -371,3 +374,8 @@ class GeometryCallback(TrainerCallback):
             item = self._outbox.pop(0)
             if self.wandb is not None:
                 self.wandb.write(item)
+            for listener in self.listeners:
+                try:
+                    listener(item)
+                except Exception as e:
+                    self._fail("a record listener", e)

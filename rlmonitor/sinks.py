@@ -16,7 +16,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 __all__ = ["LocalSink", "LogItem", "WandbSink"]
 
@@ -43,7 +43,20 @@ def _jsonable(v: Any) -> Any:
 
 
 class LocalSink:
-    """Append-only JSONL files (thread-safe)."""
+    """Append-only JSONL files (thread-safe). Use :meth:`for_folder` so every
+    writer of one folder shares one instance (and one lock)."""
+
+    _instances: ClassVar[dict[Path, LocalSink]] = {}
+    _registry_lock = threading.Lock()
+
+    @classmethod
+    def for_folder(cls, folder: str | Path) -> LocalSink:
+        key = Path(folder).resolve()
+        with cls._registry_lock:
+            sink = cls._instances.get(key)
+            if sink is None or not key.exists():
+                sink = cls._instances[key] = cls(key)
+            return sink
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)

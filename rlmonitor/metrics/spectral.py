@@ -48,6 +48,15 @@ def _orthonormalize(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(x, mode="reduced").Q
 
 
+_WARM_TOL = 2e-3  # rad: subspace motion per step below which a warm start stops
+_WARM_MAX_STEPS = 8
+
+
+def _max_sine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """sin of the largest principal angle between orthonormal bases ``a`` and ``b``."""
+    return float(torch.linalg.matrix_norm(b - a @ (a.mT @ b), ord=2).max())
+
+
 def _rayleigh_ritz(a: torch.Tensor, q: torch.Tensor, y: torch.Tensor, k: int) -> TopKSVD:
     """Top-k SVD of ``a`` restricted to the span of orthonormal ``q`` (n x L),
     given ``y = a @ q`` (m x L).
@@ -95,9 +104,12 @@ def top_k_svd(
 
     Warm start: ``init`` is a previous ``V`` (``n x j``), or ``U`` (``m x j``, taken
     as left vectors when ``m != n``), of the same matrix earlier in training,
-    ideally with a few more than ``k`` columns. One step of block subspace
-    iteration (default ``iters=1``) on ``max(j, k + oversample)`` vectors then
-    tracks a slowly moving matrix at about a third of the cold cost.
+    ideally with a few more than ``k`` columns. Block subspace iteration on
+    ``max(j, k + oversample)`` vectors then tracks the moving matrix: by default
+    (``iters=None``) it stops after the first step that moves the top-k subspace
+    by less than 2e-3 rad (at most 8 steps), so a slowly moving matrix costs one
+    step, about a third of a cold start, and a large rotation is not
+    under-reported by stopping early.
 
     Small problems (a Krylov space of at least half of ``min(m, n)``) use the
     exact ``torch.linalg.svd``.
@@ -106,7 +118,8 @@ def top_k_svd(
         w: ``(..., m, n)`` floating tensor; leading dimensions are batched.
         k: number of triplets, ``1 <= k <= min(m, n)``.
         init: optional warm start, see above.
-        iters: Krylov depth (cold) or subspace iterations (warm).
+        iters: Krylov depth (cold, default 4) or a fixed number of subspace
+            iterations (warm, default adaptive).
         oversample: extra block vectors of the warm-start block.
         seed: seed of the random start vectors (results are deterministic).
 
@@ -179,11 +192,17 @@ def _top_k_svd_tall(
     if width > start.shape[-1]:
         start = torch.cat([start, randn(start.shape[-2], width - start.shape[-1])], dim=-1)
     q = _orthonormalize(a.mT @ start) if init_left else _orthonormalize(start)
-    for _ in range(1 if iters is None else max(iters, 1)):
+    prev_vk = q[..., :k]
+    for _ in range(max(iters, 1) if iters is not None else _WARM_MAX_STEPS):
         # Y = orth(W Q); B^T = W^T Y = Vb S Ub^T, so B = Y^T W = Ub S Vb^T is the
         # Rayleigh-Ritz projection: one step costs two GEMMs.
         y = _orthonormalize(a @ q)
         q, s, ubh = torch.linalg.svd(a.mT @ y, full_matrices=False)
+        # Adaptive (iters=None): a step that still moved the top-k subspace by more
+        # than _WARM_TOL rad may have stopped short of a large rotation; go on.
+        if iters is None and _max_sine(prev_vk, q[..., :k]) < _WARM_TOL:
+            break
+        prev_vk = q[..., :k]
     return TopKSVD((y @ ubh[..., :k, :].mT).contiguous(), s[..., :k].contiguous(), q[..., :k].contiguous())
 
 

@@ -16,8 +16,12 @@ weights and hands them to the worker, which computes the metrics documented in
 Records are logged to the Trainer's W&B run from the main thread, on the
 Trainer's x-axis ``train/global_step``, at the next step/log event.
 
-Only the main process measures and logs. Any failure after setup is warned
-about, counted in ``geometry/errors``, and training continues.
+Only the main process keeps snapshots, computes and logs. Under DDP the other
+ranks do nothing; with sharded parameters (FSDP2 DTensors, DeepSpeed ZeRO-3)
+every rank joins the per-matrix gathers and the KL probe's forwards, in the same
+order, and the main process never drops a snapshot (it waits for the worker),
+so collectives stay aligned. Any failure after setup is warned about, counted in
+``geometry/errors``, and training continues.
 
 Logged metrics (besides :mod:`rlmonitor.geometry`'s):
 
@@ -99,6 +103,8 @@ class GeometryCallback(TrainerCallback):
         self._outbox: list[LogItem] = []
         self._last_step: int | None = None
         self._base_is_resumed = False
+        self._sharded = False
+        self._follower = False
         if kl is True:
             kl = KLProbeConfig()
         self.kl_config: KLProbeConfig | None = kl if isinstance(kl, KLProbeConfig) and kl.enabled else None
@@ -154,7 +160,7 @@ class GeometryCallback(TrainerCallback):
 
     # -- Trainer events -------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if not state.is_world_process_zero or model is None:
+        if model is None:
             return
         cfg = self.config
         refs = find_matrices(model, cfg)
@@ -172,6 +178,15 @@ class GeometryCallback(TrainerCallback):
                 "snapshot_dtype='bfloat16', compare_previous=False, spectral=False, or monitor fewer modules "
                 "with include=/exclude= patterns."
             )
+        # Sharded parameters (FSDP2, ZeRO-3) are gathered one matrix at a time, a
+        # collective every rank joins in module order; only the main process keeps
+        # the copies, computes and logs. Replicated parameters (DDP): main only.
+        self._sharded = any(r.sharded for r in refs)
+        self._follower = not state.is_world_process_zero
+        if self._follower:
+            if self._sharded:
+                self._setup_follower(args, state, model, refs, kwargs)
+            return
         # queue as many snapshots as the budget allows (at most 8): fast steps never drop one
         per_snapshot = max(self.snapshot_bytes(refs), 1)
         spare = int((cfg.max_snapshot_memory_gb * _GIB - need) // per_snapshot)
@@ -185,6 +200,22 @@ class GeometryCallback(TrainerCallback):
         if self.kl_config is not None:
             self._setup_probe(state, model, kwargs)
 
+    def _resuming_with_base(self, args, state) -> bool:
+        base = Path(args.output_dir) / self.config.output_subdir / "base" / "base.safetensors"
+        return state.global_step > 0 and base.exists()
+
+    def _setup_follower(self, args, state, model, refs, kwargs) -> None:
+        """Non-main rank of a sharded run: join every gather and probe forward."""
+        self.refs = refs
+        self.folder = Path(args.output_dir) / self.config.output_subdir
+        if not self._resuming_with_base(args, state):
+            for _ in self._iter_weights():
+                pass
+        self._active = True
+        self._last_step = state.global_step
+        if self.kl_config is not None:
+            self._setup_probe(state, model, kwargs)
+
     def _setup_probe(self, state, model, kwargs) -> None:
         """Build (or reload) the KL probe. Bad probe input is a ValueError at train
         start; anything else (e.g. out of memory) disables the probe with a warning."""
@@ -194,8 +225,9 @@ class GeometryCallback(TrainerCallback):
             if not (state.global_step > 0 and probe.load(base_dir, model)):
                 loader = kwargs.get("train_dataloader")
                 dataset = getattr(loader, "dataset", None)
-                probe.setup(model, kwargs.get("processing_class"), dataset)
-                probe.save(base_dir)
+                probe.setup(model, kwargs.get("processing_class"), dataset, synced=self._sharded)
+                if not self._follower:
+                    probe.save(base_dir)
             scalars = probe.measure(model)
         except ValueError:
             raise
@@ -203,7 +235,8 @@ class GeometryCallback(TrainerCallback):
             self._fail("KL probe setup", e)
             return
         self.probe = probe
-        self._emit(LogItem(step=state.global_step, scalars=scalars))
+        if not self._follower:
+            self._emit(LogItem(step=state.global_step, scalars=scalars))
 
     def _emit(self, item: LogItem) -> None:
         self.local.write(item)
@@ -267,9 +300,10 @@ class GeometryCallback(TrainerCallback):
             kl = self._probe_kl(model) if self.probe is not None and step % self.kl_every == 0 else {}
             if step % self.config.every_n_steps == 0 and step != self._last_step:
                 self.measure(step, extra=kl)
-            elif kl:
+            elif kl and not self._follower:
                 self._emit(LogItem(step=step, scalars=kl))
-            self._drain()
+            if not self._follower:
+                self._drain()
         except Exception as e:
             self._fail("on_step_end", e)
 
@@ -285,7 +319,7 @@ class GeometryCallback(TrainerCallback):
         return {}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not self._active:
+        if not self._active or self._follower:
             return
         try:
             self._drain()
@@ -298,6 +332,8 @@ class GeometryCallback(TrainerCallback):
         try:
             if state.global_step != self._last_step:
                 self.measure(state.global_step, final=True)
+            if self._follower:
+                return
             self.worker.flush()
             self.worker.submit(self._final_plots, block=True)
             self.worker.flush()
@@ -311,14 +347,23 @@ class GeometryCallback(TrainerCallback):
 
     # -- measuring -------------------------------------------------------------
     def measure(self, step: int, final: bool = False, extra: dict[str, float] | None = None) -> bool:
-        """Snapshot now and queue the analysis. Returns False if it was dropped."""
-        if not final and not self.worker.has_room():
+        """Snapshot now and queue the analysis. Returns False if it was dropped.
+
+        In sharded runs every rank gathers (followers discard), and the main
+        process waits for queue room rather than dropping, so that all ranks
+        run the same collectives."""
+        if self._follower:
+            for _ in self._iter_weights():
+                pass
+            self._last_step = step
+            return True
+        if not final and not self._sharded and not self.worker.has_room():
             self.worker.submit(lambda: None)  # counts the drop and warns once
             return False
         snap = self.taker.take(step, self._iter_weights())
         snap.extra = dict(extra or {})
         self._last_step = step
-        return self.worker.submit(lambda: self._analyze(snap, final), block=final)
+        return self.worker.submit(lambda: self._analyze(snap, final), block=final or self._sharded)
 
     def _analyze(self, snap: Snapshot, final: bool) -> None:
         snap.wait()

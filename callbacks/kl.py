@@ -197,7 +197,10 @@ class KLProbe:
         return prompts
 
     @torch.no_grad()
-    def setup(self, model: Any, tokenizer: Any, dataset: Any) -> None:
+    def setup(self, model: Any, tokenizer: Any, dataset: Any, synced: bool = False) -> None:
+        """Choose the probe, sample its completions from the base policy and cache
+        the base distribution. ``synced=True`` (sharded models) keeps every rank
+        generating in lockstep (``generate(synced_gpus=True)``)."""
         cfg = self.config
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # processors wrap a tokenizer
         if tokenizer is None:
@@ -237,6 +240,7 @@ class KLProbe:
                 max_new_tokens=cfg.kl_probe_max_new_tokens,
                 pad_token_id=pad_id,
                 eos_token_id=eos,
+                synced_gpus=synced,
             ).cpu()
         completion = out[:, width:]
         comp_mask = torch.ones_like(completion)

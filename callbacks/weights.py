@@ -1,7 +1,9 @@
 """Which 2-D weights of a (possibly PEFT-wrapped) model are monitored, and their
 *effective* values.
 
-Full fine-tuning: the ``weight`` parameters. PEFT LoRA / PiSSA layers: the
+Full fine-tuning: the ``weight`` parameters; sharded ones (FSDP2 DTensors,
+DeepSpeed ZeRO-3) are gathered one matrix at a time (a collective every rank
+must join, in the same order). PEFT LoRA / PiSSA layers: the
 weight a merged checkpoint would record, ``W_base + sum_a delta_a`` with PEFT's
 own ``get_delta_weight`` (``scaling * B @ A``, transposed for ``fan_in_fan_out``)
 cast to the base dtype exactly as ``merge_and_unload()`` does, computed without
@@ -11,6 +13,7 @@ effect is already in, or absent from, the base weight).
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 from dataclasses import dataclass
@@ -22,13 +25,33 @@ from rlmonitor.config import GeometryConfig
 from rlmonitor.geometry import MatrixSpec
 from rlmonitor.naming import canonical, parse_name
 
-__all__ = ["MatrixRef", "find_matrices", "is_lora_layer"]
+__all__ = ["MatrixRef", "find_matrices", "gathered", "is_lora_layer", "is_sharded"]
 
 _ATTN_KINDS = {"q", "k", "v", "o"}
 
 
 def is_lora_layer(module: nn.Module) -> bool:
     return hasattr(module, "lora_A") and hasattr(module, "lora_B") and hasattr(module, "base_layer")
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """True for parameters split across ranks: FSDP2 DTensors and DeepSpeed ZeRO-3."""
+    return hasattr(t, "full_tensor") or hasattr(t, "ds_id")
+
+
+@contextlib.contextmanager
+def gathered(*params: torch.Tensor):
+    """Full values of possibly sharded parameters, one collective per tensor, in
+    argument order. Every rank must enter with the same parameters in the same
+    order (the monitor walks modules in ``named_modules`` order on all ranks)."""
+    ds = [p for p in params if hasattr(p, "ds_id")]
+    if ds:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(ds, modifier_rank=None):
+            yield [p.detach() for p in params]
+        return
+    yield [p.full_tensor().detach() if hasattr(p, "full_tensor") else p.detach() for p in params]
 
 
 @dataclass
@@ -39,27 +62,45 @@ class MatrixRef:
     module: nn.Module
     lora: bool
 
+    @property
+    def sharded(self) -> bool:
+        return is_sharded(self.module.base_layer.weight if self.lora else self.module.weight)
+
+    def _adapters(self) -> list[str]:
+        m = self.module
+        if getattr(m, "disable_adapters", False):
+            return []
+        merged = set(getattr(m, "merged_adapters", []))
+        return [a for a in m.active_adapters if a not in merged and a in m.lora_A]
+
     @torch.no_grad()
     def weight(self) -> torch.Tensor:
-        """The effective weight (a fresh tensor for LoRA layers, the parameter's
-        data otherwise: copy it before the optimizer steps again)."""
+        """The effective (full, gathered) weight: a fresh tensor for LoRA or sharded
+        layers, the parameter's data otherwise (copy it before the optimizer steps)."""
         if not self.lora:
-            return self.module.weight.detach()
+            with gathered(self.module.weight) as (w,):
+                return w
         m = self.module
-        w = m.base_layer.weight.detach()
-        if getattr(m, "disable_adapters", False):
-            return w
-        merged = set(getattr(m, "merged_adapters", []))
-        out = None
-        for name in m.active_adapters:
-            if name in merged or name not in m.lora_A:
-                continue
-            if getattr(m, "use_dora", {}).get(name, False):
-                warnings.warn(f"rlmonitor: {self.spec.name} uses DoRA; its magnitude vector is not included in "
-                              "the effective weight", RuntimeWarning, stacklevel=2)
-            delta = m.get_delta_weight(name).to(w.dtype)
-            out = w + delta if out is None else out + delta
-        return w if out is None else out
+        names = self._adapters()
+        if not self.sharded:
+            w = m.base_layer.weight.detach()
+            out = None
+            for name in names:
+                if getattr(m, "use_dora", {}).get(name, False):
+                    warnings.warn(f"rlmonitor: {self.spec.name} uses DoRA; its magnitude vector is not included "
+                                  "in the effective weight", RuntimeWarning, stacklevel=2)
+                delta = m.get_delta_weight(name).to(w.dtype)
+                out = w + delta if out is None else out + delta
+            return w if out is None else out
+        # sharded LoRA: gather the base and each factor, then merge as PEFT does
+        factors = [t for a in names for t in (m.lora_A[a].weight, m.lora_B[a].weight)]
+        with gathered(m.base_layer.weight, *factors) as (w, *full):
+            out = w.clone()
+            for i, name in enumerate(names):
+                a, b = full[2 * i].float(), full[2 * i + 1].float()
+                delta = (b @ a) * m.scaling[name]
+                out += (delta.T if getattr(m, "fan_in_fan_out", False) else delta).to(w.dtype)
+            return out
 
 
 def _head_dim(model: nn.Module) -> int | None:
@@ -92,7 +133,10 @@ def find_matrices(model: nn.Module, config: GeometryConfig) -> list[MatrixRef]:
             continue
         lora = is_lora_layer(module)
         weight = module.base_layer.weight if lora else getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        if not isinstance(weight, torch.Tensor):
+            continue
+        shape = tuple(getattr(weight, "ds_shape", weight.shape))  # ZeRO-3 keeps the real shape in ds_shape
+        if len(shape) != 2:
             continue
         name = canonical(raw_name)
         if name in seen or not any(p.search(name) for p in include) or any(p.search(name) for p in exclude):
@@ -100,6 +144,6 @@ def find_matrices(model: nn.Module, config: GeometryConfig) -> list[MatrixRef]:
         seen.add(name)
         parsed = parse_name(name)
         hd = head_dim if parsed.kind in _ATTN_KINDS else None
-        spec = MatrixSpec(name=name, layer=parsed.layer, kind=parsed.kind, shape=tuple(weight.shape), head_dim=hd)
+        spec = MatrixSpec(name=name, layer=parsed.layer, kind=parsed.kind, shape=shape, head_dim=hd)
         refs.append(MatrixRef(spec=spec, module=module, lora=lora))
     return refs

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from rlmonitor.callbacks.kl import KLProbe, KLProbeConfig
 
+from rlmonitor.callbacks.kl import KLProbe, KLProbeConfig
 from rlmonitor.metrics import compress_logprobs, token_kl, token_kl_topk
 
 

@@ -105,6 +105,7 @@ class GeometryCallback(TrainerCallback):
         self._base_is_resumed = False
         self._sharded = False
         self._follower = False
+        self._rotation_index = 0
         if kl is True:
             kl = KLProbeConfig()
         self.kl_config: KLProbeConfig | None = kl if isinstance(kl, KLProbeConfig) and kl.enabled else None
@@ -144,13 +145,26 @@ class GeometryCallback(TrainerCallback):
             total += r.spec.numel * (dtype or w.dtype).itemsize
         return total
 
+    def _rotation(self, refs: list[MatrixRef]) -> list[list[MatrixRef]]:
+        """Groups of matrices measured together: all at once, or ``layers_per_snapshot``
+        layers at a time (matrices outside any layer ride with the first group)."""
+        n = self.config.layers_per_snapshot
+        layers = sorted({r.spec.layer for r in refs if r.spec.layer is not None})
+        if n is None or n >= len(layers):
+            return [refs]
+        chunks = [set(layers[i : i + n]) for i in range(0, len(layers), n)]
+        groups = [[r for r in refs if r.spec.layer in c] for c in chunks]
+        groups[0] = [r for r in refs if r.spec.layer is None] + groups[0]
+        return groups
+
     def estimate_bytes(self, refs: list[MatrixRef], pending: int = 1) -> int:
-        """CPU memory the monitor holds: base, current and previous snapshots plus
-        ``pending`` queued ones, the masks and two sets of top-k factors."""
+        """CPU memory the monitor holds: the base, current and queued snapshots
+        (of one rotation group), the previous values (all matrices), the masks and
+        two sets of top-k factors."""
         cfg = self.config
-        copies = 2 + pending + (1 if cfg.compare_previous else 0)
+        group = max((self.snapshot_bytes(g) for g in self._rotation(refs)), default=0)
+        total = self.snapshot_bytes(refs) * (2 if cfg.compare_previous else 1) + (1 + pending) * group
         rank = cfg.k + cfg.oversample
-        total = copies * self.snapshot_bytes(refs)
         for r in refs:
             m, n = r.spec.shape
             total += m * n * (3 if cfg.spectral else 1)
@@ -188,7 +202,7 @@ class GeometryCallback(TrainerCallback):
                 self._setup_follower(args, state, model, refs, kwargs)
             return
         # queue as many snapshots as the budget allows (at most 8): fast steps never drop one
-        per_snapshot = max(self.snapshot_bytes(refs), 1)
+        per_snapshot = max(max(self.snapshot_bytes(g) for g in self._rotation(refs)), 1)
         spare = int((cfg.max_snapshot_memory_gb * _GIB - need) // per_snapshot)
         self._max_pending = max(1, min(8, 1 + spare))
         try:
@@ -288,9 +302,16 @@ class GeometryCallback(TrainerCallback):
         self._active = True
         self._last_step = state.global_step
 
-    def _iter_weights(self):
-        for r in self.refs:
+    def _iter_weights(self, refs: list[MatrixRef] | None = None):
+        for r in self.refs if refs is None else refs:
             yield r.spec.name, r.weight()
+
+    def _next_group(self) -> tuple[list[MatrixRef], bool]:
+        """The matrices to snapshot this interval and whether that is a subset."""
+        groups = self._rotation(self.refs)
+        group = groups[self._rotation_index % len(groups)]
+        self._rotation_index += 1
+        return group, len(groups) > 1
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if not self._active:
@@ -352,22 +373,24 @@ class GeometryCallback(TrainerCallback):
         In sharded runs every rank gathers (followers discard), and the main
         process waits for queue room rather than dropping, so that all ranks
         run the same collectives."""
+        if not final and not self._follower and not self._sharded and not self.worker.has_room():
+            self.worker.submit(lambda: None)  # counts the drop and warns once
+            return False
+        group, partial = self._next_group()
         if self._follower:
-            for _ in self._iter_weights():
+            for _ in self._iter_weights(group):
                 pass
             self._last_step = step
             return True
-        if not final and not self._sharded and not self.worker.has_room():
-            self.worker.submit(lambda: None)  # counts the drop and warns once
-            return False
-        snap = self.taker.take(step, self._iter_weights())
+        snap = self.taker.take(step, self._iter_weights(group))
+        snap.partial = partial
         snap.extra = dict(extra or {})
         self._last_step = step
         return self.worker.submit(lambda: self._analyze(snap, final), block=final or self._sharded)
 
     def _analyze(self, snap: Snapshot, final: bool) -> None:
         snap.wait()
-        rec: GeometryRecord = self.analyzer.analyze(snap.step, snap.tensors)
+        rec: GeometryRecord = self.analyzer.analyze(snap.step, snap.tensors, partial=snap.partial)
         snap.tensors = {}
         self._snapshots_done += 1
         scalars = dict(rec.scalars)

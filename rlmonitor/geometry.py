@@ -33,6 +33,8 @@ Logged metrics (``<kind>`` in q/k/v/o/gate/up/down or a leaf module name;
 - ``geometry/nonfinite_weights``: count of NaN/Inf entries in the snapshot.
 - ``geometry/errors``: cumulative count of metric computations that failed.
 - ``geometry/metric_seconds``: worker time spent on this snapshot.
+- ``geometry/rotation_staleness_steps``: with a rotating layer subset, the age in
+  steps of the oldest measurement in the aggregates.
 - ``geometry/layers/<i>/{update_sparsity,principal_angle_max_deg,
   spectral_drift_topk,rel_frobenius}``: per-layer detail.
 """
@@ -149,6 +151,7 @@ class GeometryAnalyzer:
         self._prev: dict[str, torch.Tensor] = {}
         self._prev_profiles: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._prev_factors: dict[str, TopKSVD] = {}
+        self._latest: dict[str, dict[str, Any]] = {}
 
     # -- failures ---------------------------------------------------------
     def _guard(self, metric: str, name: str, fn: Callable[[], T]) -> T | None:
@@ -221,7 +224,16 @@ class GeometryAnalyzer:
         return total
 
     # -- one snapshot -----------------------------------------------------
-    def analyze(self, step: int, weights: Mapping[str, torch.Tensor]) -> GeometryRecord:
+    def analyze(self, step: int, weights: Mapping[str, torch.Tensor], partial: bool = False) -> GeometryRecord:
+        """Measure a snapshot against the base.
+
+        ``partial=False``: ``weights`` must hold every monitored matrix (a missing
+        one counts as an error). ``partial=True`` (rotating layer subsets): only the
+        given matrices are measured; the aggregates combine each matrix's most
+        recent measurement, and ``geometry/rotation_staleness_steps`` says how
+        old the oldest one is. "Previous" then means the previous time that matrix
+        was measured.
+        """
         if not self.base:
             raise RuntimeError("GeometryAnalyzer.analyze called before set_base")
         t0 = time.perf_counter()
@@ -229,12 +241,20 @@ class GeometryAnalyzer:
         for name, spec in self.specs.items():
             w1 = weights.get(name)
             if w1 is None:
-                self._guard("snapshot", name, lambda name=name: (_ for _ in ()).throw(KeyError(name)))
+                if not partial:
+                    self._guard("snapshot", name, lambda name=name: (_ for _ in ()).throw(KeyError(name)))
                 continue
-            rec.matrices.append(self._analyze_matrix(spec, w1, rec))
+            d = self._analyze_matrix(spec, w1, rec)
+            d["step"] = step
+            self._latest[name] = d
+            rec.matrices.append(d)
         if self.config.compare_previous:
-            self._prev = {n: w for n, w in weights.items() if n in self.specs}
-        rec.scalars = self._aggregate(rec.matrices)
+            if not partial:
+                self._prev = {}
+            self._prev.update((n, w) for n, w in weights.items() if n in self.specs)
+        rec.scalars = self._aggregate(list(self._latest.values()) if partial else rec.matrices)
+        if partial and self._latest:
+            rec.scalars["geometry/rotation_staleness_steps"] = float(step - min(d["step"] for d in self._latest.values()))
         rec.scalars["geometry/errors"] = float(self.errors)
         rec.scalars["geometry/metric_seconds"] = time.perf_counter() - t0
         return rec

@@ -40,6 +40,7 @@ class Snapshot:
     event: Any = None  # torch.cuda.Event when copies are in flight
     slot: int | None = None
     extra: dict[str, float] = field(default_factory=dict)
+    partial: bool = False  # a rotating subset of the monitored matrices
 
     @property
     def nbytes(self) -> int:

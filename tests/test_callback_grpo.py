@@ -257,3 +257,27 @@ def test_sft_trainer(tiny_model_path, tmp_path):
     assert math.isfinite(rows[-1]["geometry/principal_angle_max_deg"])
     kl = [r for r in read_jsonl(tmp_path / "rlmonitor" / "metrics.jsonl") if "kl/base_forward" in r]
     assert kl[0]["kl/base_forward"] == 0.0 and kl[-1]["kl/base_forward"] > 0.0
+
+
+def test_rotating_layer_subsets(tiny_model_path, tmp_path):
+    from trl import GRPOTrainer
+
+    saver = WeightSaver(every=2)
+    cb = GeometryCallback(every_n_steps=2, k=4, layers_per_snapshot=1, kl=False)
+    trainer = GRPOTrainer(model=tiny_model_path, reward_funcs=[digit_reward], train_dataset=prompts_dataset(),
+                          args=grpo_args(tmp_path, learning_rate=3e-4), callbacks=[cb, saver])
+    trainer.train()
+    rows = {r["step"]: r for r in geometry_rows(tmp_path)}
+    assert sorted(rows) == [2, 4, 6]
+    assert rows[2]["geometry/rotation_staleness_steps"] == 0.0  # only layer 0 measured so far
+    assert "geometry/layers/1/update_sparsity" not in rows[2]
+    assert rows[6]["geometry/rotation_staleness_steps"] == 2.0  # layer 1 last measured at step 4
+
+    def layer(step: int, i: int) -> dict[str, dict[str, torch.Tensor]]:
+        names = [n for n in saver.saved[0] if f".layers.{i}." in n]
+        return {n: saver.saved[0][n] for n in names}, {n: saver.saved[step][n] for n in names}
+
+    # step 6 aggregates layer 0 measured at 6 and layer 1 measured at 4
+    (b0, w0), (b1, w1) = layer(6, 0), layer(4, 1)
+    assert rows[6]["geometry/update_sparsity"] == pytest.approx(sparsity_from({**b0, **b1}, {**w0, **w1}), abs=1e-12)
+    assert rows[4]["geometry/layers/1/update_sparsity"] == pytest.approx(sparsity_from(b1, w1), abs=1e-12)

@@ -51,3 +51,34 @@ def wandb_history(run_dir: Path) -> list[dict]:
         if rec.get("type") == "history":
             rows.append(rec["history"]["item"])
     return rows
+
+
+def documented_key_patterns() -> list:
+    """Regexes of the metric keys documented in README.md (backticked tokens;
+    `/<kind>` and `_right` continue the previous key)."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    patterns, prev = [], ""
+    for tok in re.findall(r"`([^`\s]+)`", text):
+        if tok.startswith(("geometry/", "kl/", "collapse/")):
+            key = tok
+        elif tok.startswith("/") and prev:
+            key = prev + tok
+        elif tok.startswith("_") and "_" in prev:
+            key = prev.rsplit("_", 1)[0] + tok
+        else:
+            continue
+        prev = key
+        rx = re.escape(key)
+        for ph, sub in (("<kind>", r"[A-Za-z0-9_]+"), ("<i>", r"\d+"), ("<detector>", r"[a-z_]+"),
+                        ("<figure>", r"[A-Za-z0-9_]+")):
+            rx = rx.replace(re.escape(ph), sub)
+        patterns.append(re.compile(rx + "$"))
+    return patterns
+
+
+def undocumented(keys) -> list[str]:
+    pats = documented_key_patterns()
+    return sorted(k for k in keys if k.startswith(("geometry/", "kl/", "collapse/"))
+                  and not any(p.match(k) for p in pats))

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import digit_reward, wandb_history
+from conftest import digit_reward, undocumented, wandb_history
 from transformers import TrainerCallback
 
 from rlmonitor import GeometryCallback
@@ -139,6 +139,8 @@ def test_grpo_wandb_offline_required_keys_and_sparsity(tiny_model_path, tmp_path
     plots = tmp_path / "out" / "rlmonitor" / "plots"
     assert {"layer_sparsity.png", "principal_angles.png"} <= {p.name for p in plots.iterdir()}
     assert run_dir  # the Trainer owned the run: our callback never called wandb.init
+    # every key that reached W&B is documented in the README's metric-key table
+    assert undocumented({k.split(".")[0] for r in rows for k in r}) == []  # media: "key._type" etc.
 
 
 @pytest.mark.parametrize("init", [True, "pissa"], ids=["lora", "pissa"])

@@ -233,6 +233,16 @@ def _factors(name: str, w: torch.Tensor | TopKSVD, k: int, init: torch.Tensor | 
     return top_k_svd(w, k, init=init)
 
 
+def _check_pair(w0: torch.Tensor | TopKSVD, w1: torch.Tensor | TopKSVD, k: int) -> None:
+    """Matrices given as tensors must match each other and admit rank ``k``."""
+    if isinstance(w0, torch.Tensor) and isinstance(w1, torch.Tensor):
+        check_same_shape("w0", w0, "w1", w1)
+    for name, w in (("w0", w0), ("w1", w1)):
+        if isinstance(w, torch.Tensor):
+            check_matrix(name, w)
+            check_k(k, min(w.shape))
+
+
 @torch.no_grad()
 def principal_angles(
     w0: torch.Tensor | TopKSVD,
@@ -259,12 +269,7 @@ def principal_angles(
         raise ValueError(f"side must be 'left' or 'right', got {side!r}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
-    if isinstance(w0, torch.Tensor) and isinstance(w1, torch.Tensor):
-        check_same_shape("w0", w0, "w1", w1)
-    for name, w in (("w0", w0), ("w1", w1)):
-        if isinstance(w, torch.Tensor):
-            check_matrix(name, w)
-            check_k(k, min(w.shape))
+    _check_pair(w0, w1, k)
     f0 = _factors("w0", w0, k)
     f1 = _factors("w1", w1, k, init=f0.V if isinstance(w1, torch.Tensor) else None)
     a, b = (f0.U, f1.U) if side == "left" else (f0.V, f1.V)
@@ -297,12 +302,7 @@ def spectral_drift(
         s0 = torch.linalg.svdvals(w0.detach().float())
         s1 = torch.linalg.svdvals(w1.detach().float())
     else:
-        if isinstance(w0, torch.Tensor) and isinstance(w1, torch.Tensor):
-            check_same_shape("w0", w0, "w1", w1)
-        for name, w in (("w0", w0), ("w1", w1)):
-            if isinstance(w, torch.Tensor):
-                check_matrix(name, w)
-                check_k(k, min(w.shape))
+        _check_pair(w0, w1, k)
         s0 = _factors("w0", w0, k).S
         s1 = _factors("w1", w1, k).S
     norm0 = float(torch.linalg.vector_norm(s0))

@@ -39,9 +39,25 @@ __all__ = [
 # quotes the safe bound 2^-9; we use the same.
 BITWISE_ETA_LIMIT = 2.0**-9
 
+# bf16 -0.0 viewed as int16 (0x8000). It is also the XOR of two bf16 bit patterns
+# that differ only in the sign bit (x vs -x, among them +0 vs -0).
+_SIGN_BIT_INT16 = -32768
+
+# Devices where the bitwise test runs as XOR of the int16 views + bool cast: on CPU
+# that is ~2x faster than `b0 != b1` (which widens to fp32) and than an int16 `!=`.
+# Elsewhere (CUDA: every formulation is bandwidth-bound) the bf16 `!=` reads the
+# fewest bytes. Both are exact.
+_XOR_DEVICE_TYPES = frozenset({"cpu"})
+
 
 def _as_bf16(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
+
+
+def _count_dtype(size: int) -> torch.dtype:
+    # Summing a bool mask into int16 is several times faster on CPU than into
+    # int32/float32 and exact while the count fits.
+    return torch.int16 if size <= torch.iinfo(torch.int16).max else torch.int32
 
 
 @torch.no_grad()
@@ -56,8 +72,9 @@ def changed_mask(
     is unchanged.
 
     For ``eta < 2**-9`` (the default 1e-3 included) the test is equivalent to
-    "the bf16 values differ" and is computed as one comparison of the casts; for
-    larger ``eta`` the relative test is evaluated in fp32.
+    "the bf16 values differ" and is computed on the casts (on CPU as the XOR of
+    their int16 views with ``+0``/``-0`` fixed up, elsewhere as bf16 ``!=``);
+    for larger ``eta`` the relative test is evaluated in fp32.
 
     Args:
         w0, w1: weights of equal shape on the same device, any floating dtype,
@@ -65,9 +82,9 @@ def changed_mask(
         eta: relative tolerance in ``[0, 1)``.
         check_finite_values: raise ``ValueError`` if either input holds NaN/Inf
             (after the bf16 cast, so fp32 values beyond bf16 range count too).
-            Pass ``False`` only in hot loops that validated their inputs
-            elsewhere; non-finite weights then count as *changed*, never as
-            unchanged.
+            With ``False`` non-finite weights count as *changed*, never as
+            unchanged. Either way the screen is one sum per input (the exact
+            scan runs only when a sum is non-finite), so ``False`` saves no time.
 
     Returns:
         ``torch.bool`` tensor of the inputs' shape, ``True`` where changed.
@@ -77,15 +94,44 @@ def changed_mask(
     check_same_shape("w0", w0, "w1", w1)
     eta = check_eta(eta)
     b0, b1 = _as_bf16(w0.detach()), _as_bf16(w1.detach())
-    if check_finite_values:
-        check_finite("w0 (as bf16)", b0)
-        check_finite("w1 (as bf16)", b1)
-    if eta < BITWISE_ETA_LIMIT:
-        # NaN != x is True, so a non-finite weight is never "unchanged".
-        return b0 != b1
+    if b0.numel() == 0:
+        return torch.zeros(b0.shape, dtype=torch.bool, device=b0.device)
+    bitwise = eta < BITWISE_ETA_LIMIT
+    i0, i1 = b0.view(torch.int16), b1.view(torch.int16)
+    # Bitwise path: two bf16 patterns are the same weight iff they are equal, or
+    # are +0 and -0.
+    x = i0 ^ i1 if bitwise and b0.device.type in _XOR_DEVICE_TYPES else None
+    # Cheap screens, one host sync: a sum is non-finite if any term is NaN/Inf
+    # (or, falsely, if it overflows: then the exact check below decides), and
+    # min(x) hits the sign bit only where a pair differs by sign alone.
+    screens = [~torch.isfinite(b0.sum() + b1.sum())]
+    if x is not None:
+        screens.append(x.min() == _SIGN_BIT_INT16)
+    flags = torch.stack(screens).tolist()
+    nonfinite = False
+    if flags[0]:
+        if check_finite_values:
+            check_finite("w0 (as bf16)", b0)
+            check_finite("w1 (as bf16)", b1)
+        else:
+            nonfinite = True
+    if bitwise:
+        if x is not None:
+            mask = x.bool()
+            if flags[1]:
+                # (i0 | i1) is the bare sign bit only for a {+0, -0} pair: unchanged.
+                mask &= (i0 | i1) != _SIGN_BIT_INT16
+        else:
+            mask = b0 != b1  # IEEE: +0 == -0, NaN != NaN
+        if nonfinite:
+            # Equal bit patterns of a NaN/Inf: never "unchanged".
+            mask |= ~torch.isfinite(b0)
+        return mask
     f0, f1 = b0.float(), b1.float()
-    # ~(diff <= tol) rather than (diff > tol): NaN comparisons are False.
-    return ~((f1 - f0).abs() <= eta * torch.maximum(f0.abs(), f1.abs()))
+    diff = (f1 - f0).abs()
+    # unchanged needs a finite difference: NaN fails `<=`, and Inf - finite would
+    # otherwise pass against an infinite tolerance.
+    return ~((diff <= eta * torch.maximum(f0.abs(), f1.abs())) & torch.isfinite(diff))
 
 
 @torch.no_grad()
@@ -116,8 +162,10 @@ def row_col_update_ratios(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     """
     check_mask("mask", mask, matrix=True)
     m, n = mask.shape[-2:]
-    rows = mask.sum(dim=-1, dtype=torch.float32).div_(n)
-    cols = mask.sum(dim=-2, dtype=torch.float32).div_(m)
+    # Exact integer counts, then one correctly rounded division (same values as
+    # summing in fp32, which is exact below 2^24, but much faster on CPU).
+    rows = mask.sum(dim=-1, dtype=_count_dtype(n)).float().div_(n)
+    cols = mask.sum(dim=-2, dtype=_count_dtype(m)).float().div_(m)
     return rows, cols
 
 

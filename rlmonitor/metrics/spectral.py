@@ -48,6 +48,7 @@ def _orthonormalize(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(x, mode="reduced").Q
 
 
+_EXACT_MAX_DIM = 128  # min(m, n) up to which the exact SVD is as cheap as iterating
 _WARM_TOL = 2e-3  # rad: subspace motion per step below which a warm start stops
 _WARM_MAX_STEPS = 8
 
@@ -111,8 +112,8 @@ def top_k_svd(
     step, about a third of a cold start, and a large rotation is not
     under-reported by stopping early.
 
-    Small problems (a Krylov space of at least half of ``min(m, n)``) use the
-    exact ``torch.linalg.svd``.
+    Small problems (``min(m, n) <= 128``, or a Krylov space of at least half of
+    ``min(m, n)``) use the exact ``torch.linalg.svd``.
 
     Args:
         w: ``(..., m, n)`` floating tensor; leading dimensions are batched.
@@ -164,7 +165,7 @@ def _top_k_svd_tall(
 
     if init is None:
         depth = 4 if iters is None else iters
-        if 2 * (depth + 1) * k >= n:
+        if n <= _EXACT_MAX_DIM or 2 * (depth + 1) * k >= n:
             u, s, vh = torch.linalg.svd(a, full_matrices=False)
             return TopKSVD(u[..., :k].contiguous(), s[..., :k].contiguous(), vh[..., :k, :].mT.contiguous())
         q = _orthonormalize(randn(n, k))
@@ -184,7 +185,7 @@ def _top_k_svd_tall(
         return TopKSVD(f.U, f.S, v.contiguous())
 
     width = min(max(init.shape[-1], k + oversample), n)
-    if 2 * width >= n:
+    if n <= _EXACT_MAX_DIM or 2 * width >= n:
         u, s, vh = torch.linalg.svd(a, full_matrices=False)
         return TopKSVD(u[..., :k].contiguous(), s[..., :k].contiguous(), vh[..., :k, :].mT.contiguous())
     init = init.to(device=a.device, dtype=a.dtype)

@@ -382,7 +382,9 @@ class GeometryCallback(TrainerCallback):
                 pass
             self._last_step = step
             return True
-        snap = self.taker.take(step, self._iter_weights(group))
+        # Pooled pinned buffers are recycled after (queue + 3) snapshots; with rotating
+        # groups the analyzer keeps "previous" values from older snapshots, so fresh buffers.
+        snap = self.taker.take(step, self._iter_weights(group), pooled=not partial)
         snap.partial = partial
         snap.extra = dict(extra or {})
         self._last_step = step

@@ -1141,6 +1141,8 @@ def log_wandb(result: CompareResult, figures: list[str], *, project: str | None,
     rep = result.report
     run = wandb.init(
         project=project, name=name, job_type="compare",
+        # read WANDB_DIR now: wandb caches it at the first setup of the process
+        dir=os.environ.get("WANDB_DIR") or None,
         config={"base": rep["base"]["path"], "runs": [r["path"] for r in rep["runs"]], **rep["settings"]},
     )  # fmt: skip
     try:

@@ -14,6 +14,7 @@ import sys
 # sub-command name -> module that implements it
 _COMMANDS: dict[str, str] = {
     "compare": "rlmonitor.compare",
+    "demo": "rlmonitor.demo",
 }
 
 

@@ -70,7 +70,7 @@ __all__ = [
 
 #: Bump when the tokenizer, the task text format or the pretraining recipe changes in a
 #: way that makes previously cached base models stale.
-TOY_VERSION = 1
+TOY_VERSION = 2  # bump when pretraining changes so cached bases are rebuilt
 
 PAD_TOKEN = "<|pad|>"
 BOS_TOKEN = "<|bos|>"

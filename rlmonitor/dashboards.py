@@ -20,6 +20,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .geometry import GeometryRecord, MatrixSpec
+from .naming import MODULE_KINDS
 
 __all__ = ["Dashboard", "smooth_over_time"]
 
@@ -97,7 +98,8 @@ class Dashboard:
         return fig
 
     def _update_ratios(self, layer: int, names: list[str]) -> Figure:
-        names = sorted(names, key=lambda n: self.specs[n].kind)
+        order = {k: i for i, k in enumerate(MODULE_KINDS)}
+        names = sorted(names, key=lambda n: (order.get(self.specs[n].kind, len(order)), self.specs[n].kind))
         fig = Figure(figsize=(3.2 * len(names) + 1, 4.2))
         for idx, name in enumerate(names):
             spec = self.specs[name]

@@ -37,6 +37,7 @@ Logged metrics (besides :mod:`rlmonitor.geometry`'s):
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -269,7 +270,8 @@ class GeometryCallback(TrainerCallback):
         profile_names = [s.name for s in specs if s.layer in heat_layers and s.kind in cfg.heatmap_kinds]
         self.analyzer = GeometryAnalyzer(cfg, specs, profile_names=profile_names)
         self.dashboard = Dashboard(self.analyzer.specs, smooth_window=cfg.smooth_window)
-        self.worker = MonitorWorker(async_=cfg.async_metrics, max_pending=self._max_pending)
+        threads = cfg.worker_threads or max(1, (os.cpu_count() or 1) // 4)
+        self.worker = MonitorWorker(async_=cfg.async_metrics, max_pending=self._max_pending, threads=threads)
         # pinned buffer sets: current + previous analysed, queued ones, and the one being taken
         self.taker = SnapshotTaker(self._snapshot_dtype(), slots=self._max_pending + 3)
         self._snapshots_done = 0

@@ -35,6 +35,7 @@ class GeometryConfig:
     snapshot_dtype: Literal["auto", "bfloat16", "float32"] = field(default="auto", **_help("Storage dtype of snapshots: 'auto' keeps the parameters' dtype (exact fp32 norms of dW); 'bfloat16' halves memory (the bf16-aware metrics are unaffected, norms use bf16 casts)."))
     max_snapshot_memory_gb: float = field(default=8.0, **_help("Budget for snapshots, masks and factors in CPU memory; exceeding it is an error at train start that says what to change."))
     layers_per_snapshot: int | None = field(default=None, **_help("For models whose snapshots do not fit the budget: measure only this many layers per interval, rotating through all layers (aggregates combine each layer's latest measurement). None = every layer every interval."))
+    worker_threads: int | None = field(default=None, **_help("MKL/OpenMP threads of the background worker thread only (training keeps its own); None = cpu_count // 4, at least 1."))
     async_metrics: bool = field(default=True, **_help("Compute metrics on a background thread so the training loop only pays for the snapshot copy."))
     heatmap_layers: tuple[int, ...] | None = field(default=None, **_help("Layers whose row/column update ratios are drawn over time (default: the middle layer)."))
     heatmap_kinds: tuple[str, ...] = field(default=("q", "k", "v", "o"), **_help("Module kinds drawn in the row/column heat maps (q/k/v as rows, o/down as columns)."))
@@ -73,6 +74,10 @@ class GeometryConfig:
             or self.layers_per_snapshot < 1
         ):
             raise bad("layers_per_snapshot", "use a positive number of layers, or None for all")
+        if self.worker_threads is not None and (
+            isinstance(self.worker_threads, bool) or not isinstance(self.worker_threads, int) or self.worker_threads < 1
+        ):
+            raise bad("worker_threads", "use a positive number of threads, or None for cpu_count // 4")
         if self.snapshot_dtype not in ("auto", "bfloat16", "float32"):
             raise bad("snapshot_dtype", "choose 'auto', 'bfloat16' or 'float32'")
         if self.wandb not in ("auto", "off"):

@@ -15,6 +15,7 @@ import sys
 _COMMANDS: dict[str, str] = {
     "compare": "rlmonitor.compare",
     "demo": "rlmonitor.demo",
+    "sweep": "rlmonitor.sweep",
 }
 
 

@@ -321,10 +321,14 @@ class GeometryCallback(TrainerCallback):
         try:
             step = state.global_step
             kl = self._probe_kl(model) if self.probe is not None and step % self.kl_every == 0 else {}
-            if step % self.config.every_n_steps == 0 and step != self._last_step:
-                self.measure(step, extra=kl)
-            elif kl and not self._follower:
+            if kl and not self._follower:
+                # KL is measured on this thread: log it (and feed listeners such as
+                # collapse detection) now, not after the asynchronous geometry job.
                 self._emit(LogItem(step=step, scalars=kl))
+            if step % self.config.every_n_steps == 0 and step != self._last_step:
+                # the job only needs the step KL for Gate I's ratio
+                step_kl = {"kl/step_forward": kl["kl/step_forward"]} if "kl/step_forward" in kl else {}
+                self.measure(step, extra=step_kl)
             if not self._follower:
                 self._drain()
         except Exception as e:
@@ -398,8 +402,7 @@ class GeometryCallback(TrainerCallback):
         snap.tensors = {}
         self._snapshots_done += 1
         scalars = dict(rec.scalars)
-        scalars.update(snap.extra)
-        step_kl, step_w = scalars.get("kl/step_forward"), scalars.get("geometry/weight_step_fro2")
+        step_kl, step_w = snap.extra.get("kl/step_forward"), scalars.get("geometry/weight_step_fro2")
         if step_kl and step_w is not None and self.kl_config is not None and self.kl_every == self.config.every_n_steps:
             scalars["kl/weight_step_ratio"] = step_w / (2.0 * step_kl)
         scalars["geometry/snapshot_seconds"] = snap.seconds

@@ -13,7 +13,8 @@ real run: ``--model_name_or_path=Qwen/Qwen2.5-0.5B-Instruct --dataset=openai/gsm
 :func:`gsm8k_reward`.
 
 At the end ``<output_dir>/run_summary.json`` holds what sweep tables compare:
-``collapse_step`` (-1 if none), ``collapse_reason``, ``final_reward``,
+``collapse_step`` (-1 if none), ``collapse_reason``, ``initial_reward``,
+``final_reward`` (means of the first / last 5 logged rewards), ``mean_reward``,
 ``max_principal_angle_deg``, ``final_kl_base_forward``, ``final_update_sparsity``.
 """
 
@@ -49,7 +50,7 @@ class TrainArguments:
     lora_alpha: float | None = field(default=None, **_help("Adapter alpha (default 2 * rank)."))
     learning_rate: float = field(default=1.0e-4, **_help("Peak learning rate."))
     max_steps: int = field(default=60, **_help("Optimizer steps."))
-    per_device_train_batch_size: int = field(default=8, **_help("Completions per device per step."))
+    per_device_train_batch_size: int = field(default=32, **_help("Completions per device per step (prompts per step = this / num_generations)."))
     num_generations: int = field(default=8, **_help("Completions per prompt (GRPO group size)."))
     max_completion_length: int = field(default=8, **_help("Completion tokens."))
     temperature: float = field(default=1.0, **_help("Sampling temperature."))
@@ -63,6 +64,9 @@ class TrainArguments:
     geometry_k: int = field(default=8, **_help("Top-k rank for principal angles."))
     kl_probe: bool = field(default=True, **_help("Measure KL to the base policy on a fixed probe."))
     stop_on_collapse: bool = field(default=True, **_help("Stop the run when collapse is detected."))
+    collapse_warmup: int = field(default=5, **_help("Observations of a metric before its collapse detector judges it."))
+    collapse_patience: int = field(default=3, **_help("Consecutive observations a collapse condition must hold."))
+    collapse_kl_ceiling_mode: Literal["absolute", "above_start"] = field(default="absolute", **_help("KL ceiling relative to 0 ('absolute': kl/base_forward starts at 0 by construction) or to the KL's warm-up level."))
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", **_help("Training device."))
     use_vllm: bool = field(default=False, **_help("Generate with vLLM (GPU; needs the 'vllm' extra)."))
     logging_steps: int = field(default=1, **_help("Trainer logging interval."))
@@ -205,7 +209,9 @@ def build_trainer(args: TrainArguments, callbacks: list | None = None):
         dataloader_num_workers=0,
     )
     geometry = GeometryCallback(every_n_steps=args.geometry_every, k=args.geometry_k, kl=args.kl_probe)
-    collapse = CollapseCallback(CollapseConfig(), stop_on_collapse=args.stop_on_collapse, geometry=geometry)
+    collapse_config = CollapseConfig(warmup=args.collapse_warmup, patience=args.collapse_patience,
+                                     kl_ceiling_mode=args.collapse_kl_ceiling_mode)
+    collapse = CollapseCallback(collapse_config, stop_on_collapse=args.stop_on_collapse, geometry=geometry)
     return GRPOTrainer(model=model, reward_funcs=rewards, args=config, train_dataset=train,
                        peft_config=peft_config, callbacks=[geometry, collapse, *(callbacks or [])])
 
@@ -229,7 +235,9 @@ def summarize(output_dir: str | Path, log_history: list[dict] | None = None) -> 
     return {
         "collapse_step": summary.get("collapse_step", -1),
         "collapse_reason": summary.get("collapse_reason", ""),
+        "initial_reward": (sum(rewards[:5]) / len(rewards[:5])) if rewards else None,
         "final_reward": (sum(rewards[-5:]) / len(rewards[-5:])) if rewards else None,
+        "mean_reward": (sum(rewards) / len(rewards)) if rewards else None,
         "max_principal_angle_deg": max(angles) if angles else None,
         "final_kl_base_forward": last("kl/base_forward"),
         "final_update_sparsity": last("geometry/update_sparsity"),

@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,7 @@ class GeometryCallback(TrainerCallback):
         self.worker: MonitorWorker | None = None
         self.local: LocalSink | None = None
         self.wandb: WandbSink | None = None
-        self._outbox: list[LogItem] = []
+        self._outbox: deque[LogItem] = deque()  # worker appends, main thread pops
         self._last_step: int | None = None
         self._base_is_resumed = False
         self._sharded = False
@@ -190,8 +191,8 @@ class GeometryCallback(TrainerCallback):
             raise ValueError(
                 f"GeometryCallback needs about {need / _GIB:.2f} GiB of CPU memory for {len(refs)} matrices but "
                 f"max_snapshot_memory_gb={cfg.max_snapshot_memory_gb}. Raise max_snapshot_memory_gb, or set "
-                "snapshot_dtype='bfloat16', compare_previous=False, spectral=False, or monitor fewer modules "
-                "with include=/exclude= patterns."
+                "snapshot_dtype='bfloat16', layers_per_snapshot=<n> (rotate through the layers), "
+                "compare_previous=False, spectral=False, or monitor fewer modules with include=/exclude= patterns."
             )
         # Sharded parameters (FSDP2, ZeRO-3) are gathered one matrix at a time, a
         # collective every rank joins in module order; only the main process keeps
@@ -446,7 +447,7 @@ class GeometryCallback(TrainerCallback):
     def _drain(self) -> None:
         """Log finished records to W&B from the main thread."""
         while self._outbox:
-            item = self._outbox.pop(0)
+            item = self._outbox.popleft()
             if self.wandb is not None:
                 self.wandb.write(item)
             for listener in self.listeners:

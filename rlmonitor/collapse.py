@@ -356,10 +356,20 @@ class CollapseConfig:
         },
     )
 
+    kl_spike_keys: list[str] = field(
+        default_factory=lambda: ["kl"],
+        metadata={
+            "help": "kl_keys that also get the spike test (per-step KL such as TRL's `kl`). The others get the "
+            "ceiling only: `kl/base_forward` grows from 0 by construction, so its healthy early rise would look "
+            "like a spike against its own running median."
+        },
+    )
+
     _KEY_FIELDS: ClassVar[tuple[str, ...]] = (
         "reward_keys",
         "entropy_keys",
         "kl_keys",
+        "kl_spike_keys",
         "grad_norm_keys",
         "nonfinite_keys",
         "nonfinite_count_keys",
@@ -843,8 +853,9 @@ class KLBlowupDetector(_Detector):
     * ceiling: with ``m_t = median(x_{t-k+1..t})`` and the EWMA ``s_t`` of ``m_t`` (started
       once the k-window is full), ``level = min(s_t, m_t) > ceiling`` (``mode="absolute"``)
       or ``level - start > ceiling`` (``mode="above_start"``, t > W, ``start = median(x_1..x_W)``);
-    * spike (t > W): raw ``x_t > max(median + z * 1.4826 * MAD, factor * median, floor)``
-      over the previous ``window`` KLs (see :class:`_RobustSpike`).
+    * spike (t > W, only with ``spike=True``, i.e. keys in ``CollapseConfig.kl_spike_keys``):
+      raw ``x_t > max(median + z * 1.4826 * MAD, factor * median, floor)`` over the previous
+      ``window`` KLs (see :class:`_RobustSpike`).
 
     Either condition (or a mix of them) must hold for ``patience`` consecutive observations.
     """
@@ -865,9 +876,10 @@ class KLBlowupDetector(_Detector):
         z: float = 6.0,
         factor: float = 3.0,
         floor: float = 0.05,
+        spike: bool = True,
     ) -> None:
         super().__init__(key, patience=patience)
-        self.warmup, self.ceiling, self.mode = warmup, ceiling, mode
+        self.warmup, self.ceiling, self.mode, self.spike_test = warmup, ceiling, mode, spike
         self._smooth = _DespikedEwma(alpha, despike_window)
         self._spike = _RobustSpike(window=window, z=z, factor=factor, floor=floor)
         self._warm: list[float] = []
@@ -879,7 +891,7 @@ class KLBlowupDetector(_Detector):
             self._warm.append(value)
             if self.n == self.warmup:
                 self.start = statistics.median(self._warm)
-        spike = self._spike.test_and_push(value, armed=self.n > self.warmup)
+        spike = self._spike.test_and_push(value, armed=self.n > self.warmup) and self.spike_test
         if self.ceiling is not None and s is not None:
             level = self._smooth.low
             if self.mode == "absolute" and level > self.ceiling:
@@ -1037,6 +1049,7 @@ class CollapseMonitor:
                         z=cfg.kl_spike_z,
                         factor=cfg.kl_spike_factor,
                         floor=cfg.kl_spike_floor,
+                        spike=k in cfg.kl_spike_keys,
                     ),
                 )
                 for k in cfg.kl_keys

@@ -857,3 +857,23 @@ def test_monitor_never_raises_latches_and_alerts_at_most_once(logs):
             assert s.newly_detected and s.step == step
             detected_at = step
     assert alerts == (detected_at is not None)
+
+
+def test_base_kl_healthy_monotonic_rise_is_not_a_spike():
+    """kl/base_forward grows from 0 by construction (seen in a real LoRA sweep run:
+    0 -> 0.11 in 8 steps with a healthy reward). Only its ceiling may judge it;
+    with the spike test enabled for it, the same stream is flagged."""
+    # the recorded stream of that run (steps 0-8), then a steady continuation
+    stream = [0.0, 0.0075, 0.0067, 0.0095, 0.0168, 0.0331, 0.0569, 0.0791, 0.1109, 0.13, 0.15, 0.17, 0.19]
+    base_kw = dict(warmup=5, patience=3, kl_ceiling_mode="absolute")
+    healthy = CollapseMonitor(CollapseConfig(**base_kw))
+    spiky = CollapseMonitor(CollapseConfig(**base_kw, kl_spike_keys=["kl", "kl/base_forward"]))
+    for step, v in enumerate(stream):
+        ok = healthy.update(step, {"kl/base_forward": v})
+        bad = spiky.update(step, {"kl/base_forward": v})
+    assert not ok.detected
+    assert bad.detected and bad.flags["kl_blowup"]
+    # a real blow-up above the absolute ceiling is still caught
+    for step, v in enumerate([1.5] * 8, start=len(stream)):
+        ok = healthy.update(step, {"kl/base_forward": v})
+    assert ok.detected and ok.flags["kl_blowup"]

@@ -82,3 +82,13 @@ def undocumented(keys) -> list[str]:
     pats = documented_key_patterns()
     return sorted(k for k in keys if k.startswith(("geometry/", "kl/", "collapse/"))
                   and not any(p.match(k) for p in pats))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_wandb_settings():
+    """wandb caches WANDB_DIR and friends at the first setup of a process; tear it
+    down after each test so the next test's environment is read afresh."""
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is None and hasattr(wandb, "teardown"):
+        wandb.teardown()

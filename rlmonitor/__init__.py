@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import importlib
+
 __version__ = "0.1.0"
 
-__all__ = ["GeometryCallback", "GeometryConfig", "__version__"]
+# public name -> module; resolved lazily so that `import rlmonitor.metrics` stays
+# light (the Trainer integration imports transformers)
+_LAZY = {
+    "GeometryCallback": "rlmonitor.callbacks.geometry",
+    "KLProbeConfig": "rlmonitor.callbacks.kl",
+    "CollapseCallback": "rlmonitor.callbacks.collapse",
+    "GeometryConfig": "rlmonitor.config",
+    "CollapseConfig": "rlmonitor.collapse",
+}
+
+__all__ = ["CollapseCallback", "CollapseConfig", "GeometryCallback", "GeometryConfig", "KLProbeConfig", "__version__"]
 
 
 def __getattr__(name: str):
-    # The Trainer integration imports transformers; load it only when asked for so
-    # that `import rlmonitor.metrics` stays light.
-    if name == "GeometryCallback":
-        from .callbacks.geometry import GeometryCallback
-
-        return GeometryCallback
-    if name == "GeometryConfig":
-        from .config import GeometryConfig
-
-        return GeometryConfig
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'rlmonitor' has no attribute {name!r}")

@@ -108,6 +108,7 @@ class GeometryCallback(TrainerCallback):
         self._sharded = False
         self._follower = False
         self._rotation_index = 0
+        self._groups: list[list[MatrixRef]] = []
         if kl is True:
             kl = KLProbeConfig()
         self.kl_config: KLProbeConfig | None = kl if isinstance(kl, KLProbeConfig) and kl.enabled else None
@@ -223,6 +224,7 @@ class GeometryCallback(TrainerCallback):
     def _setup_follower(self, args, state, model, refs, kwargs) -> None:
         """Non-main rank of a sharded run: join every gather and probe forward."""
         self.refs = refs
+        self._groups = self._rotation(refs)
         self.folder = Path(args.output_dir) / self.config.output_subdir
         if not self._resuming_with_base(args, state):
             for _ in self._iter_weights():
@@ -261,6 +263,7 @@ class GeometryCallback(TrainerCallback):
     def _setup(self, args, state, refs: list[MatrixRef]) -> None:
         cfg = self.config
         self.refs = refs
+        self._groups = self._rotation(refs)
         self.folder = Path(args.output_dir) / cfg.output_subdir
         self.local = LocalSink.for_folder(self.folder)
         run = WandbSink.active_run() if cfg.wandb == "auto" else None
@@ -311,7 +314,7 @@ class GeometryCallback(TrainerCallback):
 
     def _next_group(self) -> tuple[list[MatrixRef], bool]:
         """The matrices to snapshot this interval and whether that is a subset."""
-        groups = self._rotation(self.refs)
+        groups = self._groups
         group = groups[self._rotation_index % len(groups)]
         self._rotation_index += 1
         return group, len(groups) > 1
@@ -381,7 +384,7 @@ class GeometryCallback(TrainerCallback):
         process waits for queue room rather than dropping, so that all ranks
         run the same collectives."""
         if not final and not self._follower and not self._sharded and not self.worker.has_room():
-            self.worker.submit(lambda: None)  # counts the drop and warns once
+            self.worker.drop()
             return False
         group, partial = self._next_group()
         if self._follower:

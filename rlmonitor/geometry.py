@@ -300,9 +300,10 @@ class GeometryAnalyzer:
                     rec.profiles[name] = {"rows": rows.tolist(), "cols": cols.tolist()}
 
         def norms() -> tuple[float, float | None]:
-            dw2 = float((w1.float() - w0.float()).square().sum())
+            f1 = w1.float()
+            dw2 = float((f1 - w0.float()).square().sum())
             prev = self._prev.get(name)
-            step2 = None if prev is None else float((w1.float() - prev.float()).square().sum())
+            step2 = None if prev is None else float((f1 - prev.float()).square().sum())
             return dw2, step2
 
         got = self._guard("frobenius", name, norms)

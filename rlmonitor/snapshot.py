@@ -38,7 +38,6 @@ class Snapshot:
     tensors: dict[str, torch.Tensor]
     seconds: float = 0.0
     event: Any = None  # torch.cuda.Event when copies are in flight
-    slot: int | None = None
     extra: dict[str, float] = field(default_factory=dict)
     partial: bool = False  # a rotating subset of the monitored matrices
 
@@ -102,7 +101,7 @@ class SnapshotTaker:
             event = self._stream.record_event()
             # the optimizer's next in-place update must wait for the copies
             torch.cuda.current_stream().wait_stream(self._stream)
-        return Snapshot(step=step, tensors=out, seconds=time.perf_counter() - t0, event=event, slot=slot)
+        return Snapshot(step=step, tensors=out, seconds=time.perf_counter() - t0, event=event)
 
 
 def save_base(folder: str | Path, weights: dict[str, torch.Tensor], factors: dict[str, TopKSVD],

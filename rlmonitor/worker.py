@@ -94,12 +94,16 @@ class MonitorWorker:
             self._queue.put(job, block=block)
             return True
         except queue.Full:
-            self.dropped += 1
-            if self.dropped == 1:
-                warnings.warn("rlmonitor: the monitor is still busy with an earlier snapshot; dropping this one "
-                              "(raise every_n_steps or disable spectral metrics to keep up)",
-                              RuntimeWarning, stacklevel=2)
+            self.drop()
             return False
+
+    def drop(self) -> None:
+        """Count a snapshot skipped because the worker is busy (warned once)."""
+        self.dropped += 1
+        if self.dropped == 1:
+            warnings.warn("rlmonitor: the monitor is still busy with an earlier snapshot; dropping this one "
+                          "(raise every_n_steps or disable spectral metrics to keep up)",
+                          RuntimeWarning, stacklevel=3)
 
     def flush(self) -> None:
         """Wait until every queued job has run."""

@@ -58,6 +58,11 @@ def _max_sine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(b - a @ (a.mT @ b), ord=2).max())
 
 
+def _exact_top_k(a: torch.Tensor, k: int) -> TopKSVD:
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    return TopKSVD(u[..., :k].contiguous(), s[..., :k].contiguous(), vh[..., :k, :].mT.contiguous())
+
+
 def _rayleigh_ritz(a: torch.Tensor, q: torch.Tensor, y: torch.Tensor, k: int) -> TopKSVD:
     """Top-k SVD of ``a`` restricted to the span of orthonormal ``q`` (n x L),
     given ``y = a @ q`` (m x L).
@@ -166,8 +171,7 @@ def _top_k_svd_tall(
     if init is None:
         depth = 4 if iters is None else iters
         if n <= _EXACT_MAX_DIM or 2 * (depth + 1) * k >= n:
-            u, s, vh = torch.linalg.svd(a, full_matrices=False)
-            return TopKSVD(u[..., :k].contiguous(), s[..., :k].contiguous(), vh[..., :k, :].mT.contiguous())
+            return _exact_top_k(a, k)
         q = _orthonormalize(randn(n, k))
         qs, ys = [q], [a @ q]
         for _ in range(depth):
@@ -186,8 +190,7 @@ def _top_k_svd_tall(
 
     width = min(max(init.shape[-1], k + oversample), n)
     if n <= _EXACT_MAX_DIM or 2 * width >= n:
-        u, s, vh = torch.linalg.svd(a, full_matrices=False)
-        return TopKSVD(u[..., :k].contiguous(), s[..., :k].contiguous(), vh[..., :k, :].mT.contiguous())
+        return _exact_top_k(a, k)
     init = init.to(device=a.device, dtype=a.dtype)
     start = init.expand(*batch, *init.shape[-2:])
     if width > start.shape[-1]:

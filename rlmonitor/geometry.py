@@ -54,10 +54,11 @@ import torch
 from .config import GeometryConfig
 from .metrics import (
     TopKSVD,
-    changed_mask,
+    changed_mask_and_ratios,
+    count_changed,
+    count_true,
     low_magnitude_mask,
     principal_mask,
-    row_col_update_ratios,
     subspace_angles,
     top_k_svd,
 )
@@ -124,7 +125,7 @@ def _pearson(x: torch.Tensor, y: torch.Tensor) -> float | None:
 
 
 def _count(mask: torch.Tensor) -> int:
-    return int(torch.count_nonzero(mask))
+    return count_true(mask)
 
 
 class GeometryAnalyzer:
@@ -270,8 +271,12 @@ class GeometryAnalyzer:
             self.errors += 1
             return d  # every metric below is undefined on NaN/Inf weights
 
-        mask = self._guard("changed_mask", name, lambda: changed_mask(w0, w1, cfg.eta, check_finite_values=False))
-        if mask is not None:
+        # mask + row/column ratios in one pass over the weights (on CPU: one cache-blocked walk)
+        got_mask = self._guard(
+            "changed_mask", name, lambda: changed_mask_and_ratios(w0, w1, cfg.eta, check_finite_values=False)
+        )
+        if got_mask is not None:
+            mask, rows, cols = got_mask
             changed = _count(mask)
             d["changed"] = changed
             d["update_sparsity"] = 1.0 - changed / spec.numel
@@ -284,20 +289,17 @@ class GeometryAnalyzer:
                     if m is not None:
                         d[f"overlap_{key}_count"] = _count(m & mask)
                         d[f"{key}_density"] = _count(m) / spec.numel
-            profiles = self._guard("row_col_ratios", name, lambda: row_col_update_ratios(mask))
-            if profiles is not None:
-                rows, cols = profiles
-                prev = self._prev_profiles.get(name)
-                if prev is not None:
-                    d["row_stability"] = _pearson(rows, prev[0])
-                    d["col_stability"] = _pearson(cols, prev[1])
-                self._prev_profiles[name] = (rows, cols)
-                if spec.head_dim:
-                    axis = rows if spec.head_axis == "rows" else cols
-                    if axis.numel() % spec.head_dim == 0:
-                        d["head_ratios"] = axis.view(-1, spec.head_dim).mean(dim=1).tolist()
-                if name in self.profile_names:
-                    rec.profiles[name] = {"rows": rows.tolist(), "cols": cols.tolist()}
+            prev_rc = self._prev_profiles.get(name)
+            if prev_rc is not None:
+                d["row_stability"] = _pearson(rows, prev_rc[0])
+                d["col_stability"] = _pearson(cols, prev_rc[1])
+            self._prev_profiles[name] = (rows, cols)
+            if spec.head_dim:
+                axis = rows if spec.head_axis == "rows" else cols
+                if axis.numel() % spec.head_dim == 0:
+                    d["head_ratios"] = axis.view(-1, spec.head_dim).mean(dim=1).tolist()
+            if name in self.profile_names:
+                rec.profiles[name] = {"rows": rows.tolist(), "cols": cols.tolist()}
 
         def norms() -> tuple[float, float | None]:
             f1 = w1.float()
@@ -314,9 +316,11 @@ class GeometryAnalyzer:
 
         prev = self._prev.get(name)
         if prev is not None:
-            m_prev = self._guard("changed_mask_vs_prev", name, lambda: changed_mask(prev, w1, cfg.eta, check_finite_values=False))
-            if m_prev is not None:
-                d["changed_vs_prev"] = _count(m_prev)
+            n_prev = self._guard(
+                "changed_mask_vs_prev", name, lambda: count_changed(prev, w1, cfg.eta, check_finite_values=False)
+            )
+            if n_prev is not None:
+                d["changed_vs_prev"] = n_prev
 
         if cfg.spectral and base.factors is not None:
             if d.get("dw_fro2") == 0.0:  # bitwise-identical to the base: nothing rotated or drifted

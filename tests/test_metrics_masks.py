@@ -18,8 +18,11 @@ import pytest
 import torch
 
 from rlmonitor.metrics import (
+    _bitwise_cpu,
     changed_mask,
+    changed_mask_and_ratios,
     consensus_ratio,
+    count_changed,
     jaccard,
     jaccard_random_baseline,
     low_magnitude_mask,
@@ -145,10 +148,16 @@ def reference_bits(t: torch.Tensor) -> np.ndarray:
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@pytest.fixture(params=["xor", "compare"])
+@pytest.fixture(params=["blocked", "xor", "compare"])
 def formulation(request, monkeypatch):
-    """Run a bitwise-path test with both exact formulations of changed_mask: the int16
-    XOR used on CPU, and the bf16 `!=` used on other devices (forced here on CPU)."""
+    """Run a bitwise-path test with every exact formulation of changed_mask: the
+    cache-blocked CPU kernel (with a small block, so that even short inputs span many
+    blocks), the whole-tensor int16 XOR, and the bf16 `!=` used on other devices
+    (the last two forced here on CPU)."""
+    if request.param == "blocked":
+        monkeypatch.setattr(_bitwise_cpu, "BLOCK_ELEMS", 1024)
+    else:
+        monkeypatch.setattr(masks_module, "_fast_pair", lambda *a: None)
     if request.param == "compare":
         monkeypatch.setattr(masks_module, "_XOR_DEVICE_TYPES", frozenset())
     return request.param
@@ -674,3 +683,142 @@ def test_low_magnitude_overlap_of_random_update_is_alpha():
     # an update that targets small weights overlaps M_low above alpha (the RLVR signature)
     targeted = upd | low
     assert mask_overlap(low, targeted) > alpha + 10 * se
+
+
+# --------------------------------------------------------------------------------------
+# the cache-blocked CPU kernel (changed_mask / count_changed / changed_mask_and_ratios)
+# --------------------------------------------------------------------------------------
+
+
+def blocked_pair(shape: tuple[int, ...], seed: int, frac: float = 0.3, signed_zero_flip: bool = False):
+    """bf16 (w0, w1) with a fraction of entries moved by one to three ULPs, from
+    subnormal to huge magnitudes, plus unchanged exact zeros of both signs; +0 <-> -0
+    flips only when asked (they send the kernel to its exact fallback)."""
+    rng = np.random.default_rng(seed)
+    n = int(np.prod(shape))
+    mag = 10.0 ** rng.uniform(-39, 30, n)
+    w0 = (mag * rng.choice([-1.0, 1.0], n)).astype(np.float32)
+    zeros = rng.random(n) < 0.02
+    w0[zeros] = rng.choice(np.array([0.0, -0.0], dtype=np.float32), int(zeros.sum()))
+    moved = (rng.random(n) < frac) & ~zeros
+    w1 = np.where(moved, _bf16_neighbor(w0, rng.integers(1, 4, n) * rng.choice([-1, 1], n)), w0)
+    w1 = w1.astype(np.float32)
+    if signed_zero_flip:
+        at = np.flatnonzero(zeros)[-3:]  # in the last block
+        w1[at] = np.copysign(np.float32(0.0), -np.copysign(np.float32(1.0), w0[at]))
+    t0 = torch.from_numpy(w0).view(shape).to(torch.bfloat16)
+    t1 = torch.from_numpy(w1).view(shape).to(torch.bfloat16)
+    want = ref_changed_bits(torch_bf16_bits(t0), torch_bf16_bits(t1))
+    return t0, t1, want
+
+
+# widths: byte lanes grouped (896 -> 112 words, 4864 -> 4 x 152), n/8 prime above 255
+# (2056: no grouping), odd (37: no int64 view), tiny (8, 16: 255-row blocks, lanes at
+# their maximum when everything changed)
+BLOCKED_SHAPES = [(300, 896), (70, 4864), (40, 2056), (513, 37), (700, 8), (1000, 16), (3, 2040)]
+
+
+@pytest.mark.parametrize("block", [1024, 1 << 18])
+@pytest.mark.parametrize("shape", BLOCKED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_blocked_kernel_equals_bit_comparison_mask_counts_and_ratios(shape, block, monkeypatch):
+    monkeypatch.setattr(_bitwise_cpu, "BLOCK_ELEMS", block)
+    t0, t1, want = blocked_pair(shape, seed=sum(shape))
+    assert 0.1 < want.mean() < 0.5
+    assert np.array_equal(changed_mask(t0, t1).numpy(), want)
+    assert count_changed(t0, t1) == int(want.sum())
+    mask, rows, cols = changed_mask_and_ratios(t0, t1)
+    assert np.array_equal(mask.numpy(), want)
+    # exact counts, then one division: equal to the float32 quotient of numpy's counts
+    np.testing.assert_array_equal(rows.numpy(), (want.sum(1) / np.float32(shape[1])).astype(np.float32))
+    np.testing.assert_array_equal(cols.numpy(), (want.sum(0) / np.float32(shape[0])).astype(np.float32))
+    assert rows.dtype == cols.dtype == torch.float32
+
+
+@pytest.mark.parametrize("shape", [(700, 8), (1000, 16), (3, 2040), (64, 896)], ids=str)
+def test_blocked_counts_when_every_weight_changed(shape):
+    # every byte lane of the int64 partial sums reaches its maximum (255 rows per block
+    # for the columns, 255 words per partial for the rows): no carry may leak
+    t0 = torch.full(shape, 1.0, dtype=torch.bfloat16)
+    t1 = torch.full(shape, 1.0 + 2.0**-7, dtype=torch.bfloat16)
+    mask, rows, cols = changed_mask_and_ratios(t0, t1)
+    assert bool(mask.all()) and bool((rows == 1).all()) and bool((cols == 1).all())
+    assert count_changed(t0, t1) == t0.numel()
+    assert update_sparsity(t0, t1) == 0.0
+
+
+@pytest.mark.parametrize("shape", [(1_000_003,), (5, 7, 4099), (2, 3)], ids=str)
+def test_blocked_count_and_mask_over_any_shape(shape, monkeypatch):
+    monkeypatch.setattr(_bitwise_cpu, "BLOCK_ELEMS", 1 << 14)
+    t0, t1, want = blocked_pair(shape, seed=len(shape))
+    assert count_changed(t0, t1) == int(want.sum())
+    assert np.array_equal(changed_mask(t0, t1).numpy(), want)
+
+
+def test_blocked_kernel_falls_back_exactly_on_signed_zero_flips():
+    t0, t1, want = blocked_pair((300, 896), seed=5, signed_zero_flip=True)
+    i0, i1 = t0.view(torch.int16), t1.view(torch.int16)
+    assert _bitwise_cpu.bitwise_pass(i0, i1) is None  # the screen sees the sign-only XOR
+    assert np.array_equal(changed_mask(t0, t1).numpy(), want)
+    assert count_changed(t0, t1) == int(want.sum())
+    mask, rows, cols = changed_mask_and_ratios(t0, t1)
+    assert np.array_equal(mask.numpy(), want)
+    np.testing.assert_allclose(rows.numpy(), want.mean(1), rtol=1e-6)
+    np.testing.assert_allclose(cols.numpy(), want.mean(0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_blocked_kernel_non_finite_in_a_late_block(bad, monkeypatch):
+    monkeypatch.setattr(_bitwise_cpu, "BLOCK_ELEMS", 4096)
+    t0, t1, want = blocked_pair((400, 896), seed=9)
+    t0[-1, -1] = t1[-1, -1] = bad  # identical bits: XOR says unchanged
+    with pytest.raises(ValueError, match=r"w0 .*non-finite"):
+        changed_mask(t0, t1)
+    with pytest.raises(ValueError, match="non-finite"):
+        count_changed(t0, t1)
+    with pytest.raises(ValueError, match="non-finite"):
+        changed_mask_and_ratios(t0, t1)
+    want[-1, -1] = True  # never "unchanged"
+    assert np.array_equal(changed_mask(t0, t1, check_finite_values=False).numpy(), want)
+    assert count_changed(t0, t1, check_finite_values=False) == int(want.sum())
+    mask, rows, _ = changed_mask_and_ratios(t0, t1, check_finite_values=False)
+    assert np.array_equal(mask.numpy(), want) and rows[-1] == float(want[-1].mean())
+
+
+def test_count_changed_and_fused_accept_fp32_noncontiguous_and_general_eta():
+    t0, t1, want = blocked_pair((96, 160), seed=3)
+    f0, f1 = t0.float().t(), t1.float().t()  # non-contiguous fp32: cast, then the kernel
+    assert count_changed(f0, f1) == int(want.sum())
+    mask, rows, cols = changed_mask_and_ratios(f0, f1)
+    assert np.array_equal(mask.numpy(), want.T)
+    np.testing.assert_allclose(rows.numpy(), want.T.mean(1), rtol=1e-6)
+    np.testing.assert_allclose(cols.numpy(), want.T.mean(0), rtol=1e-6)
+    # eta above the bitwise bound takes the fp32 relative test, same as changed_mask
+    assert count_changed(t0, t1, 0.05) == int(changed_mask(t0, t1, 0.05).sum())
+    m05, r05, c05 = changed_mask_and_ratios(t0, t1, 0.05)
+    assert torch.equal(m05, changed_mask(t0, t1, 0.05))
+    want_r, want_c = row_col_update_ratios(m05)
+    assert torch.equal(r05, want_r) and torch.equal(c05, want_c)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: count_changed(torch.zeros(3), torch.zeros(4)), "same shape"),
+        (lambda: count_changed(torch.zeros(3), [0.0, 0.0, 0.0]), "w1 must be a torch.Tensor"),
+        (lambda: changed_mask_and_ratios(torch.zeros(3), torch.zeros(3)), "w0 must be 2-D"),
+        (lambda: count_changed(torch.zeros(3), torch.zeros(3), eta=1.5), "eta must be in"),
+    ],
+)
+def test_count_changed_and_fused_bad_input(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()
+
+
+def test_count_true_matches_sum_for_awkward_sizes_and_offsets():
+    rng = np.random.default_rng(0)
+    base = torch.from_numpy(rng.random(300_001) < 0.4)
+    for n in (0, 7, 4096, 4104, 8 * 255 * 17, 8 * 257 * 3, 262_144, 300_001):
+        for off in (0, 1, 8):
+            t = base[off : off + n]
+            assert _bitwise_cpu.count_true(t) == int(t.sum()), (n, off)
+    assert _bitwise_cpu.count_true(torch.ones(8 * 255 * 40, dtype=torch.bool)) == 8 * 255 * 40

@@ -6,7 +6,10 @@ Tensors in, tensors or floats out; no logging, no device moves, fp32 for SVD.
 from .kl import TopKLogProbs, compress_logprobs, token_kl, token_kl_topk
 from .masks import (
     changed_mask,
+    changed_mask_and_ratios,
     consensus_ratio,
+    count_changed,
+    count_true,
     jaccard,
     jaccard_random_baseline,
     low_magnitude_mask,
@@ -29,8 +32,11 @@ __all__ = [
     "TopKLogProbs",
     "TopKSVD",
     "changed_mask",
+    "changed_mask_and_ratios",
     "compress_logprobs",
     "consensus_ratio",
+    "count_changed",
+    "count_true",
     "degrees",
     "jaccard",
     "jaccard_random_baseline",

@@ -3,9 +3,10 @@
 A :class:`Checkpoint` lists its tensors under *canonical* names (so checkpoints
 saved from a plain model, a PEFT-wrapped model, a ``torch.compile``-d or DDP
 model match) and reads one tensor, or a block of its rows, at a time through
-safetensors' memory-mapped ``safe_open``. Every read opens the file afresh and
-the mapping is released with the returned tensor, so the pages a comparison
-touches never pile up in the process's resident memory.
+a memory map of just that tensor's bytes (the offsets come from the safetensors
+header, validated once by ``safe_open`` when the file is scanned). The mapping is
+released with the returned tensor, so the pages a comparison touches never pile
+up in the process's resident memory.
 
 Supported inputs (see :func:`open_checkpoint`):
 
@@ -30,15 +31,23 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import re
+import struct
+import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError, safe_open
 
 from .compare import CompareError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: `compare --sparsity-only` on bf16 needs none
+    import numpy as np
+    import torch
 
 __all__ = [
     "AdapterCheckpoint",
@@ -118,12 +127,104 @@ def _safetensors_error(file: Path, err: Exception) -> CompareError:
     )
 
 
+#: safetensors dtype strings read through a direct memory map -> torch dtype names
+_TORCH_DTYPES = {
+    "BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+    "BOOL": "bool",
+}  # fmt: skip
+
+# file -> (size, mtime_ns, {stored key: (dtype, shape, first byte, end byte)}), filled by _scan_file
+_OFFSETS: dict[Path, tuple[int, int, dict[str, tuple[str, tuple[int, ...], int, int]]]] = {}
+_OFFSETS_LOCK = threading.Lock()
+
+
+def _header_offsets(file: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """Absolute byte ranges of a safetensors file's tensors, from its header
+    (8-byte little-endian header length, then the JSON header)."""
+    with file.open("rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    data = 8 + n
+    return {
+        k: (v["dtype"], tuple(int(d) for d in v["shape"]), data + int(v["data_offsets"][0]), data + int(v["data_offsets"][1]))
+        for k, v in header.items()
+        if k != "__metadata__"
+    }
+
+
+def _map_range(file: Path, stored_key: str, start: int | None, stop: int | None):
+    """``(map, byte offset in it, safetensors dtype, shape)`` of a private memory map
+    covering just the requested rows, ``(None, 0, dtype, shape)`` for zero bytes, or
+    None when the file was not scanned (or changed since)."""
+    st = file.stat()
+    with _OFFSETS_LOCK:
+        entry = _OFFSETS.get(file)
+    if entry is None or entry[:2] != (st.st_size, st.st_mtime_ns) or sys.byteorder != "little":
+        return None
+    got = entry[2].get(stored_key)
+    if got is None:
+        return None
+    dtype_s, shape, first, end = got
+    if start is not None and shape:
+        rows = range(shape[0])[start:stop]
+        row_bytes = (end - first) // shape[0] if shape[0] else 0
+        first, end = first + rows.start * row_bytes, first + rows.stop * row_bytes
+        shape = (len(rows), *shape[1:])
+    if end <= first:
+        return None, 0, dtype_s, shape
+    if end > st.st_size:
+        raise CompareError(f"{file}: truncated: tensor {stored_key} ends at byte {end} of {st.st_size}")
+    page = mmap.ALLOCATIONGRANULARITY
+    base = first - first % page
+    with file.open("rb") as fh:
+        # ACCESS_COPY: a private mapping consumers may treat as writable; reading copies nothing
+        mm = mmap.mmap(fh.fileno(), end - base, access=mmap.ACCESS_COPY, offset=base)
+    return mm, first - base, dtype_s, shape
+
+
+def _mapped(file: Path, stored_key: str, start: int | None, stop: int | None) -> torch.Tensor | None:
+    """Zero-copy tensor over a private memory map of the requested rows (None: use safe_open)."""
+    import torch
+
+    got = _map_range(file, stored_key, start, stop)
+    if got is None or got[2] not in _TORCH_DTYPES:
+        return None
+    mm, offset, dtype_s, shape = got
+    dtype = getattr(torch, _TORCH_DTYPES[dtype_s])
+    if mm is None:
+        return torch.empty(shape, dtype=dtype)
+    # the tensor holds a reference to the map, which is unmapped when the tensor is freed
+    return torch.frombuffer(mm, dtype=dtype, count=math.prod(shape), offset=offset).view(shape)
+
+
+def _read_bits(file: Path, stored_key: str, start: int | None, stop: int | None) -> np.ndarray | None:
+    """The stored bf16 bit patterns (numpy ``uint16``, zero-copy) of a BF16 tensor's rows;
+    None for other dtypes or an unscanned file. Imports numpy, never torch."""
+    import numpy as np
+
+    try:
+        got = _map_range(file, stored_key, start, stop)
+    except (OSError, ValueError) as err:
+        raise _safetensors_error(file, err) from err
+    if got is None or got[2] != "BF16":
+        return None
+    mm, offset, _, shape = got
+    if mm is None:
+        return np.empty(shape, dtype=np.uint16)
+    return np.frombuffer(mm, dtype=np.uint16, count=math.prod(shape), offset=offset).reshape(shape)
+
+
 def _read_rows(file: Path, stored_key: str, start: int | None, stop: int | None) -> torch.Tensor:
     """One tensor, or rows ``start:stop`` of it, through a fresh memory map."""
+    import torch
+
     try:
-        with safe_open(str(file), framework="pt") as f:
-            t = f.get_tensor(stored_key) if start is None else f.get_slice(stored_key)[start:stop]
-    except (SafetensorError, OSError) as err:
+        t = _mapped(file, stored_key, start, stop)
+        if t is None:
+            with safe_open(str(file), framework="pt") as f:
+                t = f.get_tensor(stored_key) if start is None else f.get_slice(stored_key)[start:stop]
+    except (SafetensorError, OSError, ValueError) as err:
         raise _safetensors_error(file, err) from err
     if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         t = t.float()  # every fp8 value is exactly representable in bf16/fp32
@@ -135,14 +236,20 @@ def _scan_file(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     if not file.is_file():
         raise CompareError(f"{file}: no such file")
     try:
-        with safe_open(str(file), framework="pt") as f:
+        st = file.stat()
+        # validates the header against the file; numpy: reading metadata must not import torch
+        with safe_open(str(file), framework="numpy") as f:
             out = {}
             for k in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 sl = f.get_slice(k)
                 out[k] = (tuple(int(d) for d in sl.get_shape()), str(sl.get_dtype()))
-            return out
-    except (SafetensorError, OSError) as err:
+        offsets = _header_offsets(file)
+    except (SafetensorError, OSError, ValueError, KeyError, struct.error) as err:
         raise _safetensors_error(file, err) from err
+    if all(k in offsets and offsets[k][:2] == (dt, shape) for k, (shape, dt) in out.items()):
+        with _OFFSETS_LOCK:
+            _OFFSETS[file] = (st.st_size, st.st_mtime_ns, offsets)
+    return out
 
 
 class Checkpoint:
@@ -162,6 +269,11 @@ class Checkpoint:
     def read(self, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         """Tensor ``key`` (canonical name), or its rows ``start:stop`` (dim 0)."""
         raise NotImplementedError
+
+    def read_bits(self, key: str, start: int | None = None, stop: int | None = None) -> np.ndarray | None:
+        """The stored bf16 bit patterns of ``key`` as numpy ``uint16`` (zero-copy), or
+        None where the tensor is not stored as bf16 or is computed (adapters)."""
+        return None
 
     def __contains__(self, key: str) -> bool:
         return key in self._index()
@@ -212,6 +324,10 @@ class SafetensorsCheckpoint(Checkpoint):
     def read(self, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         ti = self._tensors[key]
         return _read_rows(ti.file, ti.stored_key, start, stop)
+
+    def read_bits(self, key: str, start: int | None = None, stop: int | None = None) -> np.ndarray | None:
+        ti = self._tensors[key]
+        return _read_bits(ti.file, ti.stored_key, start, stop)
 
 
 @dataclass
@@ -372,6 +488,8 @@ class AdapterCheckpoint(Checkpoint):
         return w
 
     def _apply_lora(self, w: torch.Tensor, lm: _LoraModule, start: int | None, stop: int | None) -> torch.Tensor:
+        import torch
+
         a = _read_rows(self._file, lm.a_key, None, None)
         b = _read_rows(self._file, lm.b_key, None, None)
         ad_dtype = b.dtype if not lm.embedding else a.dtype

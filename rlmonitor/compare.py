@@ -311,10 +311,7 @@ def compare(
             and intra-op OpenMP threads spin badly on a loaded machine. Peak
             memory grows with ``threads`` (one tensor block per thread).
     """
-    import torch
-
-    from . import metrics as M
-    from .checkpoints import Checkpoint, is_adapter_dir, open_checkpoint, resolve_path
+    from .checkpoints import Checkpoint, SafetensorsCheckpoint, is_adapter_dir, open_checkpoint, resolve_path
 
     t_start = time.perf_counter()
     if not runs:
@@ -419,8 +416,15 @@ def compare(
                 spans = [(s, min(s + step, info0.shape[0])) for s in range(0, info0.shape[0], step)]
         jobs.append(_Job(kk, _resolve_key(base_ck, kk), [maps[i][kk] for i in range(R)], layer, kind, info0,
                          rinfos, matrix_metrics, in_focus, spans))  # fmt: skip
-    ctx = _Ctx(base_ck, run_cks, M, torch, eta, k, alpha, low_alpha, full_spectrum, R, pairs,
+    ctx = _Ctx(base_ck, run_cks, eta, k, alpha, low_alpha, full_spectrum, R, pairs,
                f"BASE {base}", [f"RUN {r}" for r in runs])  # fmt: skip
+    # bf16 sparsity of one RUN is a bit-pattern count: numpy on the mapped files, no torch import
+    bits_path = (
+        sparsity_only and R == 1 and eta < 2.0**-9
+        and all(isinstance(ck, SafetensorsCheckpoint) for ck in (base_ck, *run_cks))
+        and all(j.info0.dtype == "BF16" and j.rinfos[0].dtype == "BF16" for j in jobs)
+    )  # fmt: skip
+    process = _process_tensor_bits if bits_path else _process_tensor
 
     bar = None
     if progress:
@@ -428,12 +432,16 @@ def compare(
 
         bar = tqdm(total=len(jobs), unit="tensor", desc="compare", file=sys.stderr, leave=False)
     n_workers = max(1, min(threads or min(4, os.cpu_count() or 1), len(jobs) or 1))
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tensors in parallel, each op single-threaded (see `threads`)
+    torch_threads = None
+    if not bits_path:
+        import torch
+
+        torch_threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tensors in parallel, each op single-threaded (see `threads`)
     ex = ThreadPoolExecutor(n_workers, thread_name_prefix="rlmonitor-compare")
     try:
         # map() yields in order; results hold counts and small arrays only, never weights
-        for job, out in zip(jobs, ex.map(lambda j: _process_tensor(j, ctx), jobs), strict=True):
+        for job, out in zip(jobs, ex.map(lambda j: process(j, ctx), jobs), strict=True):
             kk, layer, kind, info0, numel = job.key, job.layer, job.kind, job.info0, job.info0.numel
             base_dtypes[info0.dtype_name] = base_dtypes.get(info0.dtype_name, 0) + numel
             for i, ri in enumerate(job.rinfos):
@@ -487,7 +495,8 @@ def compare(
         raise
     finally:
         ex.shutdown(wait=True)
-        torch.set_num_threads(torch_threads)
+        if torch_threads is not None:
+            torch.set_num_threads(torch_threads)
         if bar is not None:
             bar.close()
 
@@ -555,7 +564,7 @@ def compare(
     }  # fmt: skip
     if R > 1:
         report["jaccard"], report["jaccard_by_layer"] = _jaccard_report(
-            M, pairs, names, jac_kind, jac_lk, jac_all, tot, by_kind, by_lk, kinds_all
+            ctx.M, pairs, names, jac_kind, jac_lk, jac_all, tot, by_kind, by_lk, kinds_all
         )
         report["consensus"] = {"runs": R, "layers": sorted(focus), "matrices": cons_rows}
     report["notes"] = notes
@@ -599,8 +608,6 @@ class _Job:
 class _Ctx:
     base: Any
     runs: list
-    M: Any
-    torch: Any
     eta: float
     k: int
     alpha: float
@@ -610,6 +617,52 @@ class _Ctx:
     pairs: list[tuple[int, int]]
     base_label: str
     run_labels: list[str]
+
+    @property
+    def M(self):  # the metrics module, imported on first use
+        from . import metrics
+
+        return metrics
+
+    @property
+    def torch(self):
+        import torch
+
+        return torch
+
+
+def _empty_out(R: int, pairs, same: list[bool]) -> dict[str, Any]:
+    return {
+        "changed": [0] * R, "stored_diff": [0 if s else None for s in same], "pairs": {p: [0, 0] for p in pairs},
+        "spectral": [None] * R, "overlap": [None] * R, "curve": [None] * R, "row_col": [None] * R,
+        "dens": None, "consensus": None,
+    }  # fmt: skip
+
+
+def _process_tensor_bits(job: _Job, c: _Ctx) -> dict:
+    """:func:`_process_tensor` for one RUN, bf16 storage on both sides and the bitwise
+    test: counts (and a focus matrix's row/column ratios) from the stored bit patterns
+    with numpy. Hands the tensor to the torch path where that must decide (NaN/Inf,
+    sign-only changes) or a read gives no bit patterns."""
+    import numpy as np
+
+    from .bf16bits import changed_counts
+
+    out = _empty_out(1, c.pairs, [True])
+    for start, stop in job.spans:
+        a0 = c.base.read_bits(job.bkey, start, stop)
+        a1 = c.runs[0].read_bits(job.rkeys[0], start, stop) if a0 is not None else None
+        got = changed_counts(a0, a1, lines=job.in_focus) if a1 is not None else None
+        if got is None:
+            return _process_tensor(job, c)
+        nc, rows, cols = got
+        out["changed"][0] += nc
+        out["stored_diff"][0] += nc
+        if job.in_focus:
+            # as row_col_update_ratios: exact counts, one correctly rounded float32 division
+            m, n = a0.shape
+            out["row_col"][0] = (rows.astype("float32") / np.float32(n), cols.astype("float32") / np.float32(m))
+    return out
 
 
 def _process_tensor(job: _Job, c: _Ctx) -> dict:
@@ -623,11 +676,7 @@ def _process_tensor(job: _Job, c: _Ctx) -> dict:
     # bf16 storage and a bitwise-equivalent eta: the mask is the stored-value comparison itself
     bitwise_bf16 = job.info0.dtype == "BF16" and c.eta < 2.0**-9
     same = [ri.dtype == job.info0.dtype for ri in job.rinfos]
-    out: dict[str, Any] = {
-        "changed": [0] * R, "stored_diff": [0 if s else None for s in same], "pairs": {p: [0, 0] for p in c.pairs},
-        "spectral": [None] * R, "overlap": [None] * R, "curve": [None] * R, "row_col": [None] * R,
-        "dens": None, "consensus": None,
-    }  # fmt: skip
+    out = _empty_out(R, c.pairs, same)
     for start, stop in job.spans:
         w0 = c.base.read(job.bkey, start, stop)
         grid = masks0 = f0 = None
@@ -641,18 +690,25 @@ def _process_tensor(job: _Job, c: _Ctx) -> dict:
                 raise CompareError(f"tensor {kk} of {c.base_label}: {err}") from err
             pnl = pm & ~lm
             masks0 = (pm, lm, pnl)
-            out["dens"] = (w0.numel(), *(int(m.count_nonzero()) for m in masks0))
+            out["dens"] = (w0.numel(), *(M.count_true(m) for m in masks0))
             if job.in_focus:
                 grid = [(a, M.principal_mask(f0, k_eff, a), M.low_magnitude_mask(w0, a)) for a in ALPHA_GRID]
         masks, counts = [], []
         for i, rc in enumerate(c.runs):
             where = f"tensor {kk} ({c.base_label} vs {c.run_labels[i]})"
             w1 = rc.read(job.rkeys[i], start, stop)
+            mask = rows_cols = None
             try:
-                mask = M.changed_mask(w0, w1, c.eta)
+                if R > 1 or job.matrix_metrics or job.in_focus:
+                    if job.in_focus:
+                        mask, *rows_cols = M.changed_mask_and_ratios(w0, w1, c.eta)
+                    else:
+                        mask = M.changed_mask(w0, w1, c.eta)
+                    nc = M.count_true(mask)
+                else:  # counts only: the mask is never materialised
+                    nc = M.count_changed(w0, w1, c.eta)
             except ValueError as err:
                 raise CompareError(f"{where}: {err}") from err
-            nc = int(mask.count_nonzero())
             out["changed"][i] += nc
             if same[i]:
                 out["stored_diff"][i] += nc if bitwise_bf16 else int((w0 != w1).count_nonzero())
@@ -664,15 +720,15 @@ def _process_tensor(job: _Job, c: _Ctx) -> dict:
                 out["overlap"][i] = _overlap(M, mask, nc, masks0, kk, layer, kind)
                 if grid is not None:
                     out["curve"][i] = {
-                        a: (nc, int((gp & mask).count_nonzero()), int((gl & mask).count_nonzero()))
+                        a: (nc, M.count_true(gp & mask), M.count_true(gl & mask))
                         for a, gp, gl in grid
                     }
             if job.in_focus:
-                rr, cc = M.row_col_update_ratios(mask)
+                rr, cc = rows_cols
                 out["row_col"][i] = (rr.numpy(), cc.numpy())
             del w1
         for i, j in c.pairs:
-            inter = int((masks[i] & masks[j]).count_nonzero())
+            inter = M.count_true(masks[i] & masks[j])
             out["pairs"][(i, j)][0] += inter
             out["pairs"][(i, j)][1] += counts[i] + counts[j] - inter
         if R > 1 and job.in_focus:
@@ -713,7 +769,7 @@ def _overlap(M, mask, nc, masks0, name, layer, kind) -> tuple[dict, tuple[int, i
     row = {"name": name, "layer": layer, "kind": kind, "n_changed": nc}
     for key, mx in zip(("principal", "low_magnitude", "principal_not_low"), masks0, strict=True):
         row[key] = M.mask_overlap(mx, mask) if nc else None
-    return row, tuple(int((mx & mask).count_nonzero()) for mx in masks0)
+    return row, tuple(M.count_true(mx & mask) for mx in masks0)
 
 
 def _spectral_summary(rows: list[dict], k: int, full: bool, kinds_all: list[str]) -> dict:

@@ -548,3 +548,70 @@ def test_parse_layers():
     for bad in (["x"], ["5-2"], ["-1"]):
         with pytest.raises(CompareError):
             parse_layers(bad)
+
+
+# ---------------------------------------------------------------------------
+# the torch-free bf16 path of --sparsity-only
+
+
+def test_sparsity_only_bits_path_equals_the_torch_path(ckpts):
+    bits = compare(str(ckpts["base"]), [str(ckpts["a"])], sparsity_only=True)
+    full = compare(str(ckpts["base"]), [str(ckpts["a"])], k=8)
+    rb, rf = bits.report["runs"][0], full.report["runs"][0]
+    for key in ("n_changed", "update_sparsity", "stored_dtype_sparsity", "by_layer", "by_kind", "tensors"):
+        assert rb[key] == rf[key], key
+    assert bits.row_col.keys() == full.row_col.keys() and bits.row_col
+    for key, (rows, cols) in bits.row_col.items():
+        assert rows.dtype == cols.dtype == np.float32
+        np.testing.assert_array_equal(rows, full.row_col[key][0])
+        np.testing.assert_array_equal(cols, full.row_col[key][1])
+
+
+def test_sparsity_only_on_bf16_never_imports_torch(ckpts, tmp_path):
+    code = (
+        "import sys, json\n"
+        "from rlmonitor.cli import main\n"
+        f"rc = main(['compare', {str(ckpts['base'])!r}, {str(ckpts['a'])!r}, '--sparsity-only', '--no-progress',"
+        f" '--json', {str(tmp_path / 'r.json')!r}])\n"
+        "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"rc": 0, "torch": False}
+    run = json.loads((tmp_path / "r.json").read_text())["runs"][0]
+    assert run["update_sparsity"] == pytest.approx(_expected_sparsity(ckpts["mask_a"]), abs=1e-12)
+
+
+def test_sparsity_only_bf16_with_nan_or_signed_zero_flips(ckpts, tmp_path):
+    from safetensors.torch import load_file
+
+    w0 = load_file(str(ckpts["base"] / "model.safetensors"))
+    w1 = load_file(str(ckpts["a"] / "model.safetensors"))
+    name = "model.layers.0.mlp.up_proj.weight"
+    # +0 -> -0 at entries that were not moved: still unchanged (the torch path decides)
+    b0, b1 = dict(w0), dict(w1)
+    unmoved = (~ckpts["mask_a"][name]).reshape(-1).nonzero().flatten()[:5]
+    b0[name] = w0[name].clone().reshape(-1)
+    b0[name][unmoved] = 0.0
+    b0[name] = b0[name].reshape(w0[name].shape)
+    b1[name] = w1[name].clone().reshape(-1)
+    b1[name][unmoved] = -0.0
+    b1[name] = b1[name].reshape(w1[name].shape)
+    save_file(b0, str(_dir(tmp_path / "z0") / "model.safetensors"))
+    save_file(b1, str(_dir(tmp_path / "z1") / "model.safetensors"))
+    rep = compare(str(tmp_path / "z0"), [str(tmp_path / "z1")], sparsity_only=True).report
+    got = next(t for t in rep["runs"][0]["tensors"] if t["name"] == name.removeprefix("model."))
+    assert got["n_changed"] == int(ckpts["mask_a"][name].sum())
+    # the same NaN in both: never silently "unchanged"
+    n0, n1 = dict(w0), dict(w1)
+    n0[name] = w0[name].clone()
+    n1[name] = w1[name].clone()
+    n0[name][3, 3] = n1[name][3, 3] = float("nan")
+    save_file(n0, str(_dir(tmp_path / "n0") / "model.safetensors"))
+    save_file(n1, str(_dir(tmp_path / "n1") / "model.safetensors"))
+    with pytest.raises(CompareError, match=r"up_proj.*non-finite"):
+        compare(str(tmp_path / "n0"), [str(tmp_path / "n1")], sparsity_only=True)
+
+
+def _dir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p

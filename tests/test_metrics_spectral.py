@@ -487,6 +487,31 @@ def test_top_k_svd_warm_start_gives_the_same_answer(big_matrix):
     assert all(torch.equal(x, y) for x, y in zip(cold0, again, strict=True))
 
 
+@pytest.mark.parametrize("case", ["diagonal", "zero_rows", "rank_below_k"])
+def test_top_k_svd_cold_start_on_coherent_sparse_and_low_rank_matrices(case):
+    # The cold start sums a few random rows of W: top directions that live on a handful of
+    # rows (a diagonal matrix), rows that are mostly zero, and a rank below k must not
+    # cost accuracy (the start's Gaussian part and the Rayleigh-Ritz fallbacks).
+    rng = np.random.default_rng(21)
+    m, n, k = 900, 400, 12
+    if case == "diagonal":
+        w = np.zeros((m, n))
+        w[np.arange(n), np.arange(n)] = 1.0 / np.arange(1, n + 1)
+    elif case == "zero_rows":
+        w = decaying(rng, m, n)
+        w[rng.random(m) < 0.95] = 0.0
+    else:
+        w = decaying(rng, m, n, s=np.r_[1.0 / np.arange(1, 7), np.zeros(n - 6)])
+    t = f32(w)
+    ref = np_svd(t)
+    f = top_k_svd(t, k)
+    np.testing.assert_allclose(f.S.double().numpy(), ref[1][:k], rtol=1e-4, atol=1e-6)
+    r = k if case != "rank_below_k" else 6  # beyond the rank the singular vectors are arbitrary
+    assert max_angle(f.U[:, :r], ref[0][:, :r]) < ITER_SUBSPACE_TOL
+    assert max_angle(f.V[:, :r], ref[2][:, :r]) < ITER_SUBSPACE_TOL
+    assert torch.isfinite(f.U).all() and torch.isfinite(f.V).all()
+
+
 def test_top_k_svd_batched_equals_per_matrix():
     rng = np.random.default_rng(13)
     for m, n, k in [(50, 40, 4), (400, 300, 4)]:  # exact and iterative paths

@@ -122,6 +122,9 @@ ALPHA_GRID: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 #: elements per streamed block of a large tensor
 CHUNK_ELEMS = 1 << 24
 _HEATMAP_MAX = 256
+# eta below which the bf16 test is bit-pattern equality (= metrics.masks.BITWISE_ETA_LIMIT;
+# not imported from there, since rlmonitor.metrics imports torch)
+_BITWISE_ETA_LIMIT = 2.0**-9
 _TIED_HEADS = {"lm_head.weight": ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")}
 
 
@@ -420,7 +423,7 @@ def compare(
                f"BASE {base}", [f"RUN {r}" for r in runs])  # fmt: skip
     # bf16 sparsity of one RUN is a bit-pattern count: numpy on the mapped files, no torch import
     bits_path = (
-        sparsity_only and R == 1 and eta < 2.0**-9
+        sparsity_only and R == 1 and eta < _BITWISE_ETA_LIMIT
         and all(isinstance(ck, SafetensorsCheckpoint) for ck in (base_ck, *run_cks))
         and all(j.info0.dtype == "BF16" and j.rinfos[0].dtype == "BF16" for j in jobs)
     )  # fmt: skip
@@ -674,7 +677,7 @@ def _process_tensor(job: _Job, c: _Ctx) -> dict:
     M, torch, R = c.M, c.torch, c.R
     kk, layer, kind = job.key, job.layer, job.kind
     # bf16 storage and a bitwise-equivalent eta: the mask is the stored-value comparison itself
-    bitwise_bf16 = job.info0.dtype == "BF16" and c.eta < 2.0**-9
+    bitwise_bf16 = job.info0.dtype == "BF16" and c.eta < _BITWISE_ETA_LIMIT
     same = [ri.dtype == job.info0.dtype for ri in job.rinfos]
     out = _empty_out(R, c.pairs, same)
     for start, stop in job.spans:

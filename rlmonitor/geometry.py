@@ -124,10 +124,6 @@ def _pearson(x: torch.Tensor, y: torch.Tensor) -> float | None:
     return None if den == 0.0 else float((x * y).sum()) / den
 
 
-def _count(mask: torch.Tensor) -> int:
-    return count_true(mask)
-
-
 class GeometryAnalyzer:
     """Holds the base state and computes :class:`GeometryRecord` s.
 
@@ -277,7 +273,7 @@ class GeometryAnalyzer:
         )
         if got_mask is not None:
             mask, rows, cols = got_mask
-            changed = _count(mask)
+            changed = count_true(mask)
             d["changed"] = changed
             d["update_sparsity"] = 1.0 - changed / spec.numel
             if changed:
@@ -287,8 +283,8 @@ class GeometryAnalyzer:
                     ("principal_not_low", base.principal_not_low),
                 ):
                     if m is not None:
-                        d[f"overlap_{key}_count"] = _count(m & mask)
-                        d[f"{key}_density"] = _count(m) / spec.numel
+                        d[f"overlap_{key}_count"] = count_true(m & mask)
+                        d[f"{key}_density"] = count_true(m) / spec.numel
             prev_rc = self._prev_profiles.get(name)
             if prev_rc is not None:
                 d["row_stability"] = _pearson(rows, prev_rc[0])

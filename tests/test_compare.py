@@ -615,3 +615,11 @@ def test_sparsity_only_bf16_with_nan_or_signed_zero_flips(ckpts, tmp_path):
 def _dir(p: Path) -> Path:
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def test_compare_bitwise_bound_is_the_metric_cores():
+    # compare keeps its own copy (rlmonitor.metrics imports torch, the bits path must not)
+    import rlmonitor.compare as compare_module
+    from rlmonitor.metrics import masks
+
+    assert compare_module._BITWISE_ETA_LIMIT == masks.BITWISE_ETA_LIMIT

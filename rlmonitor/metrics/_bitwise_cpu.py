@@ -31,7 +31,9 @@ import torch
 # the bool block (1 B) stay within a 2 MiB L2
 BLOCK_ELEMS = 1 << 18
 _LANE_MAX = 255  # byte lanes of an int64 sum stay exact up to 255 terms
-_SIGN = -32768  # int16 view of bf16 -0.0 (the bare sign bit)
+# bf16 -0.0 viewed as int16 (0x8000). It is also the XOR of two bf16 bit patterns
+# that differ only in the sign bit (x vs -x, among them +0 vs -0).
+SIGN_BIT_INT16 = -32768
 
 
 @dataclass
@@ -92,8 +94,9 @@ def bitwise_pass(
         lines: also return per-row and per-column counts (2-D inputs only).
 
     Returns:
-        The counts, or ``None`` if a block's finiteness screen failed (the caller
-        must then use the exact generic path; ``mask_out`` is partly written).
+        The counts, or ``None`` where a screen fired: a NaN/Inf (or an overflowing
+        sum) or a pair differing by the sign bit alone. The caller then uses the
+        exact generic path (``mask_out`` is already written, not yet fixed up).
     """
     if lines:
         if i0.dim() != 2:
@@ -158,11 +161,9 @@ def _walk(
         mask[ms:me].copy_(x)  # int16 -> bool: any differing bit = changed
         mins.append(x.min())
         if lanes:
+            torch.sum(words[ms:me], 0, out=col_words[j])
             if lines:
                 torch.sum(grouped[ms:me], 2, out=row_words[s:e])
-                torch.sum(words[ms:me], 0, out=col_words[j])
-            else:
-                torch.sum(words[ms:me], 0, out=col_words[j])
         else:
             blk = mask[ms:me]
             if lines:
@@ -172,7 +173,7 @@ def _walk(
                 total += blk.sum()
     # screens, one sync: a sum is non-finite if any term is NaN/Inf (or, falsely, if it
     # overflows), and min(x) hits the sign bit where a pair differs by sign alone (+0/-0)
-    if not bool(torch.isfinite(torch.stack(sums)).all()) or int(torch.stack(mins).min()) == _SIGN:
+    if not bool(torch.isfinite(torch.stack(sums)).all()) or int(torch.stack(mins).min()) == SIGN_BIT_INT16:
         return None
     if not lanes:
         if lines:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _bitwise_cpu
+from ._bitwise_cpu import SIGN_BIT_INT16
 from ._checks import (
     check_alpha,
     check_eta,
@@ -43,9 +44,6 @@ __all__ = [
 # quotes the safe bound 2^-9; we use the same.
 BITWISE_ETA_LIMIT = 2.0**-9
 
-# bf16 -0.0 viewed as int16 (0x8000). It is also the XOR of two bf16 bit patterns
-# that differ only in the sign bit (x vs -x, among them +0 vs -0).
-_SIGN_BIT_INT16 = -32768
 
 # Devices where the bitwise test runs as XOR of the int16 views + bool cast: on CPU
 # that is ~2x faster than `b0 != b1` (which widens to fp32) and than an int16 `!=`.
@@ -135,7 +133,7 @@ def _changed_mask_generic(
     # min(x) hits the sign bit only where a pair differs by sign alone.
     screens = [~torch.isfinite(b0.sum() + b1.sum())]
     if x is not None:
-        screens.append(x.min() == _SIGN_BIT_INT16)
+        screens.append(x.min() == SIGN_BIT_INT16)
     flags = torch.stack(screens).tolist()
     nonfinite = False
     if flags[0]:
@@ -149,7 +147,7 @@ def _changed_mask_generic(
             mask = x.bool()
             if flags[1]:
                 # (i0 | i1) is the bare sign bit only for a {+0, -0} pair: unchanged.
-                mask &= (i0 | i1) != _SIGN_BIT_INT16
+                mask &= (i0 | i1) != SIGN_BIT_INT16
         else:
             mask = b0 != b1  # IEEE: +0 == -0, NaN != NaN
         if nonfinite:

@@ -70,6 +70,15 @@ def _exact_top_k(a: torch.Tensor, k: int) -> TopKSVD:
     return TopKSVD(u[..., :k].contiguous(), s[..., :k].contiguous(), vh[..., :k, :].mT.contiguous())
 
 
+def _cholesky_qr(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One CholeskyQR pass ``z = Q R`` (``R`` from the Cholesky factor of ``z^T z``,
+    ``Q = z R^-1``), or None where the Cholesky factorisation fails."""
+    chol, info = torch.linalg.cholesky_ex(z.mT @ z, upper=True)
+    if bool((info != 0).any()):
+        return None
+    return torch.linalg.solve_triangular(chol, z, upper=True, left=False), chol
+
+
 def _rayleigh_ritz(a: torch.Tensor, q: torch.Tensor, y: torch.Tensor, k: int) -> TopKSVD:
     """Top-k SVD of ``a`` restricted to the span of orthonormal ``q`` (n x L),
     given ``y = a @ q`` (m x L).
@@ -82,11 +91,11 @@ def _rayleigh_ritz(a: torch.Tensor, q: torch.Tensor, y: torch.Tensor, k: int) ->
     r_total = None
     ycur = y
     for _ in range(2):
-        chol, info = torch.linalg.cholesky_ex(ycur.mT @ ycur, upper=True)
-        if bool((info != 0).any()):
+        got = _cholesky_qr(ycur)
+        if got is None:
             uy, s, vh = torch.linalg.svd(y, full_matrices=False)
             return TopKSVD(uy[..., :k].contiguous(), s[..., :k].contiguous(), (q @ vh[..., :k, :].mT).contiguous())
-        ycur = torch.linalg.solve_triangular(chol, ycur, upper=True, left=False)
+        ycur, chol = got
         r_total = chol if r_total is None else chol @ r_total
     ur, s, vrh = torch.linalg.svd(r_total)
     u = ycur @ ur[..., :k]
@@ -125,17 +134,14 @@ def _cholesky_qr2(z: torch.Tensor) -> torch.Tensor | None:
     """Orthonormal basis of a tall block by CholeskyQR2 (two Gram + Cholesky +
     triangular-solve passes: GEMM speed, orthonormal to working precision), or None
     where the first Cholesky factor fails or shows ``cond(z) >= 1e3``."""
-    chol, info = torch.linalg.cholesky_ex(z.mT @ z, upper=True)
-    if bool((info != 0).any()):
+    first = _cholesky_qr(z)
+    if first is None:
         return None
-    d = torch.diagonal(chol, dim1=-2, dim2=-1).abs()
+    d = torch.diagonal(first[1], dim1=-2, dim2=-1).abs()
     if not bool((d.amax(-1) < 1e3 * d.amin(-1)).all()):
         return None
-    z = torch.linalg.solve_triangular(chol, z, upper=True, left=False)
-    chol, info = torch.linalg.cholesky_ex(z.mT @ z, upper=True)
-    if bool((info != 0).any()):
-        return None
-    return torch.linalg.solve_triangular(chol, z, upper=True, left=False)
+    second = _cholesky_qr(first[0])
+    return None if second is None else second[0]
 
 
 def _orthonormalize_block(z: torch.Tensor) -> torch.Tensor:
@@ -188,11 +194,10 @@ def _rayleigh_ritz_gram(q: torch.Tensor, y: torch.Tensor, k: int) -> TopKSVD | N
     s = evals.clamp_min(0.0).sqrt()
     if bool((s[..., -1] < _RR_MIN_SIGMA * s[..., 0]).any()):
         return None
-    u = y @ (evecs / s.unsqueeze(-2)).to(y.dtype)
-    chol, info = torch.linalg.cholesky_ex(u.mT @ u, upper=True)
-    if bool((info != 0).any()):
+    got = _cholesky_qr(y @ (evecs / s.unsqueeze(-2)).to(y.dtype))
+    if got is None:
         return None
-    u = torch.linalg.solve_triangular(chol, u, upper=True, left=False)
+    u = got[0]
     return TopKSVD(u.contiguous(), s.to(y.dtype).contiguous(), (q @ evecs.to(q.dtype)).contiguous())
 
 

@@ -13,6 +13,10 @@ steps later. Printed, all from this one run:
 - direct error of both: the largest principal angle between their U (V) and the
   exact top-k left (right) subspace of W1 (the check above compares two estimates
   made the same way, whose errors partly cancel).
+- the floor of the cold path on this device: the time of its 10 big products alone
+  (5 of ``W Q`` and 5 of ``W^T Y``, k columns each, back to back), then with its
+  fp64 Rayleigh-Ritz Gram and ``eigh`` added, and the speedups those would give if
+  nothing else took time.
 
 Times are the best of ``--repeats`` runs after a warm-up.
 
@@ -40,6 +44,30 @@ def best_time(fn, repeats: int, sync) -> tuple[float, object]:
         sync()
         best = min(best, time.perf_counter() - t0)
     return best, out
+
+
+def floor_times(w: torch.Tensor, k: int, repeats: int, sync) -> tuple[float, float]:
+    """Best times of the cold path's unavoidable work on ``w``: its 10 products of k
+    columns (depth 4: 5 of W Q, 4 of W^T Y and the V step), then those plus the
+    Rayleigh-Ritz Gram of the 5k columns of W Q in fp64 and its ``eigh``."""
+    q = torch.randn(w.shape[1], k, device=w.device)
+
+    def products() -> torch.Tensor:
+        x = q
+        ys = []
+        for _ in range(5):
+            y = w @ x
+            ys.append(y)
+            x = (y.mT @ w).mT  # W^T y in the form top_k_svd uses
+        return torch.cat(ys, dim=1)
+
+    def with_gram() -> torch.Tensor:
+        y = products().double()
+        return torch.linalg.eigh(y.mT @ y).eigenvectors
+
+    t_gemms, _ = best_time(products, repeats, sync)
+    t_floor, _ = best_time(with_gram, repeats, sync)
+    return t_gemms, t_floor
 
 
 def main() -> None:
@@ -79,6 +107,8 @@ def main() -> None:
         for name, f in (("cold", cold1), ("warm", warm1))
     }
 
+    t_gemms, t_floor = floor_times(w1, k, args.repeats, sync)
+
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name}; W: {m} x {n} fp32, sigma_i = 1/i, k = {k}, perturbation 1e-3 relative")
     print(f"torch.linalg.svd      : {t_full * 1e3:9.1f} ms")
@@ -87,6 +117,10 @@ def main() -> None:
     print(f"reference max principal angle: {float(ref.max()):.3e} rad")
     for name, (eu, ev) in direct.items():
         print(f"{name} factors vs exact top-{k} subspaces of W1: U {eu:.2e} rad, V {ev:.2e} rad")
+    print(
+        f"floor of the cold path: its 10 products alone {t_gemms * 1e3:.1f} ms (at most {t_full / t_gemms:.1f}x), "
+        f"with the fp64 Gram + eigh {t_floor * 1e3:.1f} ms (at most {t_full / t_floor:.1f}x)"
+    )
     print(f"cold speedup vs full SVD: {t_full / t_cold:.1f}x (target >= 20x)")
     print(f"warm speedup vs cold    : {t_cold / t_warm:.1f}x (target >= 3x)")
     print(f"accuracy within 1e-3 rad: {'yes' if max(err_cold, err_warm) < 1e-3 else 'NO'}")

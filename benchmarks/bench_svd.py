@@ -52,17 +52,17 @@ def floor_times(w: torch.Tensor, k: int, repeats: int, sync) -> tuple[float, flo
     Rayleigh-Ritz Gram of the 5k columns of W Q in fp64 and its ``eigh``."""
     q = torch.randn(w.shape[1], k, device=w.device)
 
-    def products() -> torch.Tensor:
+    def products() -> list[torch.Tensor]:
         x = q
         ys = []
         for _ in range(5):
             y = w @ x
             ys.append(y)
             x = (y.mT @ w).mT  # W^T y in the form top_k_svd uses
-        return torch.cat(ys, dim=1)
+        return ys
 
     def with_gram() -> torch.Tensor:
-        y = products().double()
+        y = torch.cat(products(), dim=1).double()
         return torch.linalg.eigh(y.mT @ y).eigenvectors
 
     t_gemms, _ = best_time(products, repeats, sync)

@@ -26,8 +26,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from rlmonitor.collapse import CollapseConfig, CollapseMonitor, CollapseStatus
-from rlmonitor.sinks import LocalSink, LogItem, WandbSink
+from rlmonitor.core.collapse import CollapseConfig, CollapseMonitor, CollapseStatus
+from rlmonitor.core.sinks import LocalSink, LogItem, WandbSink
 
 __all__ = ["CollapseCallback", "CollapseConfig"]
 

@@ -48,12 +48,12 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from rlmonitor.config import GeometryConfig
-from rlmonitor.dashboards import Dashboard, save_figures
-from rlmonitor.geometry import GeometryAnalyzer, GeometryRecord
-from rlmonitor.sinks import LocalSink, LogItem, WandbSink
-from rlmonitor.snapshot import Snapshot, SnapshotTaker, load_base, save_base
-from rlmonitor.worker import MonitorWorker
+from rlmonitor.core.config import GeometryConfig
+from rlmonitor.core.dashboards import Dashboard, save_figures
+from rlmonitor.core.engine import GeometryAnalyzer, GeometryRecord
+from rlmonitor.core.sinks import LocalSink, LogItem, WandbSink
+from rlmonitor.core.snapshot import Snapshot, SnapshotTaker, load_base, save_base
+from rlmonitor.core.worker import MonitorWorker
 
 from .kl import KLProbe, KLProbeConfig
 from .weights import MatrixRef, find_matrices

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rlmonitor.config import GeometryConfig
-from rlmonitor.geometry import MatrixSpec
-from rlmonitor.naming import canonical, parse_name
+from rlmonitor.core.config import GeometryConfig
+from rlmonitor.core.engine import MatrixSpec
+from rlmonitor.core.naming import canonical, parse_name
 
 __all__ = ["MatrixRef", "find_matrices", "gathered", "is_lora_layer", "is_sharded"]
 

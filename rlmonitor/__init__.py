@@ -12,8 +12,8 @@ _LAZY = {
     "GeometryCallback": "rlmonitor.callbacks.geometry",
     "KLProbeConfig": "rlmonitor.callbacks.kl",
     "CollapseCallback": "rlmonitor.callbacks.collapse",
-    "GeometryConfig": "rlmonitor.config",
-    "CollapseConfig": "rlmonitor.collapse",
+    "GeometryConfig": "rlmonitor.core.config",
+    "CollapseConfig": "rlmonitor.core.collapse",
 }
 
 __all__ = ["CollapseCallback", "CollapseConfig", "GeometryCallback", "GeometryConfig", "KLProbeConfig", "__version__"]

@@ -13,9 +13,9 @@ import sys
 
 # sub-command name -> module that implements it
 _COMMANDS: dict[str, str] = {
-    "compare": "rlmonitor.compare",
-    "demo": "rlmonitor.demo",
-    "sweep": "rlmonitor.sweep",
+    "compare": "rlmonitor.apps.compare",
+    "demo": "rlmonitor.apps.demo.run",
+    "sweep": "rlmonitor.apps.sweep.spec",
 }
 
 

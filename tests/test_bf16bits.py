@@ -1,4 +1,4 @@
-"""The torch-free bf16 counter behind ``compare --sparsity-only`` (rlmonitor.bf16bits),
+"""The torch-free bf16 counter behind ``compare --sparsity-only`` (rlmonitor.core.bf16bits),
 against the definition on bit patterns and against the torch metric core."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlmonitor import bf16bits
+from rlmonitor.core import bf16bits
 from rlmonitor.metrics import changed_mask
 
 

@@ -15,7 +15,7 @@ from conftest import digit_reward, undocumented, wandb_history
 from transformers import TrainerCallback
 
 from rlmonitor import GeometryCallback
-from rlmonitor.sinks import read_jsonl
+from rlmonitor.core.sinks import read_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -198,7 +198,7 @@ def test_resume_keeps_the_original_base(tiny_model_path, tmp_path):
 def test_metric_failure_does_not_stop_training(tiny_model_path, tmp_path, monkeypatch):
     from trl import GRPOTrainer
 
-    import rlmonitor.geometry as geometry
+    import rlmonitor.core.engine as geometry
 
     def broken(*a, **k):
         raise RuntimeError("injected failure")

@@ -20,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rlmonitor import collapse
-from rlmonitor.collapse import (
+from rlmonitor.core import collapse
+from rlmonitor.core.collapse import (
     DETECTORS,
     METRIC_KEYS,
     CollapseConfig,
@@ -312,7 +312,7 @@ def test_summary_before_and_after():
 
 def test_module_imports_no_training_frameworks():
     code = (
-        "import sys, rlmonitor.collapse; "
+        "import sys, rlmonitor.core.collapse; "
         "bad = [m for m in ('torch', 'transformers', 'trl', 'wandb', 'peft') if m in sys.modules]; "
         "assert not bad, bad"
     )

@@ -16,8 +16,8 @@ import pytest
 from conftest import digit_reward
 
 from rlmonitor.callbacks.collapse import CollapseCallback
-from rlmonitor.collapse import CollapseConfig
-from rlmonitor.sinks import read_jsonl
+from rlmonitor.core.collapse import CollapseConfig
+from rlmonitor.core.sinks import read_jsonl
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 from rlmonitor import metrics as M
+from rlmonitor.apps.compare import CompareError, compare
 from rlmonitor.cli import main as cli_main
-from rlmonitor.compare import CompareError, compare
 
 # Qwen2-shaped, tiny: hidden 64, 2 layers, 4 heads (head_dim 16), 2 kv heads, MLP 128, vocab 256, tied.
 H, LAYERS, NH, KV, HD, FF, VOCAB = 64, 2, 4, 2, 16, 128, 256
@@ -540,7 +540,7 @@ def test_wandb_offline(ckpts, tmp_path, monkeypatch):
 
 
 def test_parse_layers():
-    from rlmonitor.compare import parse_layers
+    from rlmonitor.apps.compare import parse_layers
 
     assert parse_layers(["0", "5", "10-12"]) == [0, 5, 10, 11, 12]
     assert parse_layers("3,1") == [1, 3]
@@ -619,7 +619,7 @@ def _dir(p: Path) -> Path:
 
 def test_compare_bitwise_bound_is_the_metric_cores():
     # compare keeps its own copy (rlmonitor.metrics imports torch, the bits path must not)
-    import rlmonitor.compare as compare_module
+    import rlmonitor.apps.compare.analysis as compare_module
     from rlmonitor.metrics import masks
 
     assert compare_module._BITWISE_ETA_LIMIT == masks.BITWISE_ETA_LIMIT

@@ -180,7 +180,7 @@ def test_demo_ctrl_c_keeps_finished_parts(demo_env, monkeypatch):
 
 
 def test_verdict_directions():
-    from rlmonitor.demo import verdict
+    from rlmonitor.apps.demo import verdict
 
     rl = {"geometry/update_sparsity": 0.5, "geometry/principal_angle_max_deg": 1.0,
           "geometry/spectral_drift_topk": 1e-4, "geometry/principal_overlap_ratio": 0.7,
@@ -203,7 +203,7 @@ def test_verdict_directions():
 
 
 def test_matched_comparison_uses_the_last_common_step():
-    from rlmonitor.demo import matched_comparison
+    from rlmonitor.apps.demo import matched_comparison
 
     def rows(steps, base):
         out = [{"step": 0, "kl/base_forward": 0.0}]
@@ -223,7 +223,7 @@ def test_matched_comparison_uses_the_last_common_step():
 
 
 def test_size_matched_interpolates_sft_to_rl_update_size():
-    from rlmonitor.demo import size_matched
+    from rlmonitor.apps.demo import size_matched
 
     keys = ("geometry/update_sparsity", "geometry/principal_angle_max_deg", "geometry/spectral_drift_topk",
             "geometry/principal_overlap_ratio", "geometry/low_magnitude_overlap_ratio")
@@ -249,7 +249,7 @@ def test_size_matched_interpolates_sft_to_rl_update_size():
 
 
 def test_wandb_mode_resolution(monkeypatch, tmp_path):
-    from rlmonitor.demo import resolve_wandb_mode
+    from rlmonitor.apps.demo import resolve_wandb_mode
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))

@@ -13,9 +13,9 @@ import pytest
 import torch
 from test_callback_grpo import sparsity_from
 
-from rlmonitor.config import GeometryConfig
-from rlmonitor.geometry import GeometryAnalyzer
-from rlmonitor.sinks import read_jsonl
+from rlmonitor.core.config import GeometryConfig
+from rlmonitor.core.engine import GeometryAnalyzer
+from rlmonitor.core.sinks import read_jsonl
 
 pytestmark = pytest.mark.slow
 WORKER = Path(__file__).with_name("dist_worker.py")

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from rlmonitor import cli
-from rlmonitor.sweep import (
+from rlmonitor.apps.sweep import (
     SweepSpecError,
     build_command,
     command_args,
@@ -24,7 +24,7 @@ from rlmonitor.sweep import (
     load_sweep,
     parse_sweep,
 )
-from rlmonitor.train import TrainArguments
+from rlmonitor.apps.train import TrainArguments
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "sweeps" / "pissa_vs_lora.yaml"
@@ -363,7 +363,7 @@ def test_local_run_executes_the_program_and_continues_past_a_failure(tmp_path, t
 
 
 def test_report_flags_unflagged_runs_far_from_base(tmp_path):
-    from rlmonitor.sweep import RunResult, collapse_overview, plot_results, unflagged_drift
+    from rlmonitor.apps.sweep.spec import RunResult, collapse_overview, plot_results, unflagged_drift
 
     spec = load_sweep(write(tmp_path, MINI), cwd=REPO)
     configs = expand(spec)[:4]

@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 
-from rlmonitor.worker import MonitorWorker, limit_thread_math
+from rlmonitor.core.worker import MonitorWorker, limit_thread_math
 
 
 def _gomp():

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .metrics import TopKSVD
+from rlmonitor.metrics import TopKSVD
 
 __all__ = ["Snapshot", "SnapshotTaker", "load_base", "save_base"]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from .geometry import GeometryRecord, MatrixSpec
+from .engine import GeometryRecord, MatrixSpec
 from .naming import MODULE_KINDS
 
 __all__ = ["Dashboard", "smooth_over_time"]

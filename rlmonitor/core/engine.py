@@ -51,8 +51,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from .config import GeometryConfig
-from .metrics import (
+from rlmonitor.metrics import (
     TopKSVD,
     changed_mask_and_ratios,
     count_changed,
@@ -62,6 +61,8 @@ from .metrics import (
     subspace_angles,
     top_k_svd,
 )
+
+from .config import GeometryConfig
 from .naming import MODULE_KINDS
 
 __all__ = ["GeometryAnalyzer", "GeometryRecord", "MatrixSpec"]

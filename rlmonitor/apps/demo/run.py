@@ -666,7 +666,7 @@ class _Demo:
     def build_base(self) -> None:
         import dataclasses
 
-        from .toy import (
+        from rlmonitor.toy import (
             PretrainConfig,
             config_hash,
             default_cache_dir,
@@ -675,7 +675,7 @@ class _Demo:
             make_dataset,
             read_base_info,
         )
-        from .toy import build_base_model as build
+        from rlmonitor.toy import build_base_model as build
 
         pcfg = PretrainConfig()
         if self.cfg.pretrain_steps is not None:
@@ -724,7 +724,7 @@ class _Demo:
         )
 
     def resolve_device(self) -> str:
-        from .train import resolve_device
+        from rlmonitor.apps.train import resolve_device
 
         return resolve_device(self.cfg.device)
 
@@ -745,9 +745,9 @@ class _Demo:
         return folder
 
     def fine_tune(self, method: str, report_to: str) -> None:
-        from .callbacks.geometry import GeometryCallback
-        from .callbacks.kl import KLProbeConfig
-        from .toy import arithmetic_reward, evaluate_accuracy
+        from rlmonitor.callbacks.geometry import GeometryCallback
+        from rlmonitor.callbacks.kl import KLProbeConfig
+        from rlmonitor.toy import arithmetic_reward, evaluate_accuracy
 
         cfg = self.cfg
         folder = self.run_dir(method)
@@ -859,7 +859,7 @@ class _Demo:
 
     # -- summary -----------------------------------------------------------------------
     def finish(self) -> None:
-        from .sinks import read_jsonl
+        from rlmonitor.core.sinks import read_jsonl
 
         keys = [k for k, _, _ in SUMMARY_KEYS]
         runs: dict[str, list[dict[str, Any]]] = {}
@@ -1072,6 +1072,6 @@ def _main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from .cli import main
+    from rlmonitor.cli import main
 
     sys.exit(main(["demo", *sys.argv[1:]]))

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError, safe_open
 
-from .compare import CompareError
+from .errors import CompareError
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: `compare --sparsity-only` on bf16 needs none
     import numpy as np

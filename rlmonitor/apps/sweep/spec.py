@@ -1097,7 +1097,7 @@ def collapse_overview(spec: SweepSpec, results: Sequence[RunResult]) -> list[str
 
 
 def _kl_ceiling() -> float:
-    from .collapse import CollapseConfig
+    from rlmonitor.core.collapse import CollapseConfig
 
     return CollapseConfig().kl_ceiling or 1.0
 

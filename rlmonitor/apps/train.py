@@ -128,7 +128,7 @@ def gsm8k_reward(completions: list[Any], answer: list[str], **kwargs: Any) -> li
 def load_task(args: TrainArguments):
     """``(train_dataset, reward_funcs)`` for ``args.dataset``."""
     if args.dataset == "arithmetic":
-        from .toy import arithmetic_reward, make_dataset
+        from rlmonitor.toy import arithmetic_reward, make_dataset
 
         return make_dataset(args.num_train_samples, seed=args.seed), [arithmetic_reward]
     import datasets
@@ -168,13 +168,13 @@ def build_trainer(args: TrainArguments, callbacks: list | None = None):
     from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
 
-    from .callbacks.collapse import CollapseCallback
-    from .callbacks.geometry import GeometryCallback
-    from .collapse import CollapseConfig
+    from rlmonitor.callbacks.collapse import CollapseCallback
+    from rlmonitor.callbacks.geometry import GeometryCallback
+    from rlmonitor.core.collapse import CollapseConfig
 
     model = args.model_name_or_path
     if model is None:
-        from .toy import build_base_model
+        from rlmonitor.toy import build_base_model
 
         model = str(build_base_model(progress=True))
     device = resolve_device(args.device)
@@ -219,7 +219,7 @@ def build_trainer(args: TrainArguments, callbacks: list | None = None):
 def summarize(output_dir: str | Path, log_history: list[dict] | None = None) -> dict[str, Any]:
     """What a sweep compares, read back from ``<output_dir>/rlmonitor`` and the
     trainer's ``log_history`` (final reward: mean of the last 5 logged rewards)."""
-    from .sinks import read_jsonl
+    from rlmonitor.core.sinks import read_jsonl
 
     folder = Path(output_dir) / "rlmonitor"
     rows = read_jsonl(folder / "metrics.jsonl") if (folder / "metrics.jsonl").exists() else []

@@ -111,6 +111,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlmonitor.checkpoints.errors import CompareError
+
 __all__ = ["ALPHA_GRID", "CompareError", "CompareResult", "add_parser", "compare", "parse_layers"]
 
 SCHEMA = "rlmonitor.compare/1"
@@ -126,10 +128,6 @@ _HEATMAP_MAX = 256
 # not imported from there, since rlmonitor.metrics imports torch)
 _BITWISE_ETA_LIMIT = 2.0**-9
 _TIED_HEADS = {"lm_head.weight": ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")}
-
-
-class CompareError(ValueError):
-    """Bad input to ``rlmonitor compare`` (the message says what and how to fix it)."""
 
 
 @dataclass
@@ -174,7 +172,7 @@ def parse_layers(spec: list[str] | str | None) -> list[int] | None:
 
 
 def _classify(key: str) -> tuple[int | None, str]:
-    from .naming import parse_name
+    from rlmonitor.core.naming import parse_name
 
     if key.endswith(".bias"):
         mn = parse_name(key[: -len(".bias")])
@@ -192,7 +190,7 @@ def _ratio(num: int, den: int) -> float | None:
 
 
 def _kind_order(kinds) -> list[str]:
-    from .naming import MODULE_KINDS
+    from rlmonitor.core.naming import MODULE_KINDS
 
     kinds = list(dict.fromkeys(kinds))
     return [k for k in MODULE_KINDS if k in kinds] + [k for k in kinds if k not in MODULE_KINDS]
@@ -314,7 +312,13 @@ def compare(
             and intra-op OpenMP threads spin badly on a loaded machine. Peak
             memory grows with ``threads`` (one tensor block per thread).
     """
-    from .checkpoints import Checkpoint, SafetensorsCheckpoint, is_adapter_dir, open_checkpoint, resolve_path
+    from rlmonitor.checkpoints import (
+        Checkpoint,
+        SafetensorsCheckpoint,
+        is_adapter_dir,
+        open_checkpoint,
+        resolve_path,
+    )
 
     t_start = time.perf_counter()
     if not runs:
@@ -623,7 +627,7 @@ class _Ctx:
 
     @property
     def M(self):  # the metrics module, imported on first use
-        from . import metrics
+        from rlmonitor import metrics
 
         return metrics
 
@@ -649,7 +653,7 @@ def _process_tensor_bits(job: _Job, c: _Ctx) -> dict:
     sign-only changes) or a read gives no bit patterns."""
     import numpy as np
 
-    from .bf16bits import changed_counts
+    from rlmonitor.core.bf16bits import changed_counts
 
     out = _empty_out(1, c.pairs, [True])
     for start, stop in job.spans:
@@ -972,7 +976,7 @@ def write_figures(result: CompareResult, out: Path) -> list[str]:
     import numpy as np
     from matplotlib.ticker import MaxNLocator
 
-    from .naming import MODULE_KINDS
+    from rlmonitor.core.naming import MODULE_KINDS
 
     out.mkdir(parents=True, exist_ok=True)
     rep = result.report

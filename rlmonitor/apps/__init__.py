@@ -1,0 +1,1 @@
+"""Front-ends of rlmonitor: the ``rlmonitor`` sub-commands (compare, sweep, demo, train)."""

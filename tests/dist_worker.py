@@ -23,7 +23,7 @@ def full_weights(model) -> dict[str, torch.Tensor]:
     for name, p in model.named_parameters():
         if name.endswith("_proj.weight"):
             t = p.full_tensor() if hasattr(p, "full_tensor") else p
-            out[name[: -len(".weight")]] = t.detach().clone()
+            out[name.removeprefix("model.")[: -len(".weight")]] = t.detach().clone()
     return out
 
 

@@ -47,13 +47,13 @@ def sparsity_from(w0: dict[str, torch.Tensor], w1: dict[str, torch.Tensor]) -> f
 
 
 def monitored_weights(model) -> dict[str, torch.Tensor]:
-    """Effective weights by canonical name: merged copy for PEFT models."""
+    """Effective weights by canonical name (no PEFT or leading `model.` prefix): merged copy for PEFT models."""
     if hasattr(model, "merge_and_unload"):
         model = copy.deepcopy(model).merge_and_unload()
     out = {}
     for name, p in model.named_parameters():
         if name.endswith("_proj.weight"):
-            out[name.removeprefix("base_model.model.")[: -len(".weight")]] = p.detach().clone()
+            out[name.removeprefix("base_model.model.").removeprefix("model.")[: -len(".weight")]] = p.detach().clone()
     return out
 
 
@@ -276,7 +276,7 @@ def test_rotating_layer_subsets(tiny_model_path, tmp_path):
     assert rows[6]["geometry/rotation_staleness_steps"] == 2.0  # layer 1 last measured at step 4
 
     def layer(step: int, i: int) -> dict[str, dict[str, torch.Tensor]]:
-        names = [n for n in saver.saved[0] if f".layers.{i}." in n]
+        names = [n for n in saver.saved[0] if n.startswith(f"layers.{i}.")]
         return {n: saver.saved[0][n] for n in names}, {n: saver.saved[step][n] for n in names}
 
     # step 6 aggregates layer 0 measured at 6 and layer 1 measured at 4

@@ -43,6 +43,8 @@ from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError, safe_open
 
+from rlmonitor.core.naming import canonical_key
+
 from .errors import CompareError
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: `compare --sparsity-only` on bf16 needs none
@@ -70,31 +72,8 @@ _DTYPE_NAMES = {
 }  # fmt: skip
 _FLOAT_DTYPES = frozenset(_DTYPE_NAMES)
 
-# Wrappers that do not change what a tensor is.
-_LEADING = ("base_model.model.", "_orig_mod.", "module.")
-_BASE_LAYER = re.compile(r"\.base_layer(?=\.|$)")
-_MODULES_TO_SAVE = re.compile(r"\.modules_to_save\.[^.]+(?=\.)")
 _LORA_PART = re.compile(r"\.(lora_[A-Za-z_]+)(?:\.(?!weight$|bias$)[^.]+)?(?:\.(weight|bias))?$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def canonical_key(key: str) -> str:
-    """Canonical tensor name used to match checkpoints.
-
-    Strips PEFT wrappers (``base_model.model.``, ``.base_layer``,
-    ``.modules_to_save.<adapter>``), ``_orig_mod.`` (torch.compile), ``module.``
-    (DDP) and then one leading ``model.``; keeps ``.weight`` / ``.bias``:
-    ``base_model.model.model.layers.3.self_attn.q_proj.base_layer.weight`` ->
-    ``layers.3.self_attn.q_proj.weight``.
-    """
-    key = _MODULES_TO_SAVE.sub("", _BASE_LAYER.sub("", key))
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in _LEADING:
-            if key.startswith(prefix):
-                key, stripped = key[len(prefix) :], True
-    return key[len("model.") :] if key.startswith("model.") else key
 
 
 @dataclass(frozen=True)

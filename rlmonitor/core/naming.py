@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_INCLUDE", "MODULE_KINDS", "MatrixName", "parse_name"]
+__all__ = ["DEFAULT_INCLUDE", "MODULE_KINDS", "MatrixName", "canonical", "canonical_key", "parse_name"]
 
 #: Module kinds in display order.
 MODULE_KINDS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
@@ -28,7 +28,10 @@ _KIND_OF_LEAF = {
 DEFAULT_INCLUDE: tuple[str, ...] = (r"\.(q|k|v|o|gate|up|down)_proj$",)
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
-_PEFT_NOISE = re.compile(r"(?:^|\.)(?:base_model\.model|base_layer)(?=\.|$)")
+# wrappers that do not change what a tensor is: PEFT, torch.compile, DDP
+_LEADING = ("base_model.model.", "_orig_mod.", "module.")
+_BASE_LAYER = re.compile(r"\.base_layer(?=\.|$)")
+_MODULES_TO_SAVE = re.compile(r"\.modules_to_save\.[^.]+(?=\.|$)")
 
 
 @dataclass(frozen=True)
@@ -40,11 +43,28 @@ class MatrixName:
     kind: str
 
 
-def canonical(name: str) -> str:
-    """Strip PEFT wrappers and a trailing ``.weight``:
+def canonical_key(key: str) -> str:
+    """The one canonical name of a parameter or tensor, shared by the live callback,
+    ``compare`` and every record: PEFT wrappers (``base_model.model.``, ``.base_layer``,
+    ``.modules_to_save.<adapter>``), ``_orig_mod.`` (torch.compile) and ``module.``
+    (DDP) are stripped, then one leading ``model.`` (so a causal-LM checkpoint and its
+    bare backbone match); a ``.weight`` / ``.bias`` suffix is kept:
     ``base_model.model.model.layers.3.self_attn.q_proj.base_layer.weight`` ->
-    ``model.layers.3.self_attn.q_proj``."""
-    name = _PEFT_NOISE.sub("", name).lstrip(".")
+    ``layers.3.self_attn.q_proj.weight``."""
+    key = _MODULES_TO_SAVE.sub("", _BASE_LAYER.sub("", key))
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _LEADING:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix) :], True
+    return key[len("model.") :] if key.startswith("model.") else key
+
+
+def canonical(name: str) -> str:
+    """Canonical *matrix* name: :func:`canonical_key` without the ``.weight`` suffix
+    (``model.layers.3.self_attn.q_proj`` -> ``layers.3.self_attn.q_proj``)."""
+    name = canonical_key(name)
     return name[: -len(".weight")] if name.endswith(".weight") else name
 
 

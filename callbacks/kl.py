@@ -1,5 +1,5 @@
 """KL-vs-step: exact token-wise KL between the current policy and the base policy
-on a fixed probe set (metrics.md section 6, the paper's learning-progress curve).
+on a fixed probe set (docs/metrics.md, KL section, the paper's learning-progress curve).
 
 At train start ``kl_probe_size`` prompts (from the trainer's train dataset, or
 given) get completions sampled once from the base policy (seeded, inside
@@ -48,60 +48,17 @@ from __future__ import annotations
 import contextlib
 import random
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from rlmonitor.core import keys
+from rlmonitor.core.config import KLProbeConfig
 from rlmonitor.metrics import TopKLogProbs, compress_logprobs, token_kl, token_kl_topk
 
 __all__ = ["KLProbe", "KLProbeConfig"]
-
-
-def _help(text: str, **kw) -> dict:
-    return {"metadata": {"help": text}, **kw}
-
-
-@dataclass
-class KLProbeConfig:
-    """Configuration of the KL probe (one per :class:`~rlmonitor.GeometryCallback`)."""
-
-    enabled: bool = field(default=True, **_help("Measure KL to the base policy on a fixed probe set."))
-    kl_probe_size: int = field(default=8, **_help("Number of probe prompts."))
-    kl_probe_max_new_tokens: int = field(default=64, **_help("Completion tokens sampled once from the base policy per probe prompt."))
-    kl_probe_max_prompt_tokens: int = field(default=256, **_help("Longer probe prompts are cut from the left (with a warning)."))
-    kl_every_n_steps: int | None = field(default=None, **_help("Probe interval in optimizer steps (default: the geometry interval)."))
-    prompts: tuple[str, ...] | None = field(default=None, **_help("Probe prompts to use instead of the train dataset's."))
-    seed: int = field(default=1234, **_help("Seed for choosing probe prompts and sampling their completions."))
-    temperature: float = field(default=1.0, **_help("Sampling temperature of the probe completions."))
-    kl_cache_max_mb: float = field(default=512.0, **_help("Budget for cached base log-probs; above it, top-K + tail compression."))
-    kl_cache_dtype: str = field(default="float32", **_help("'float32' (accurate) or 'bfloat16' (half the memory, ~entropy*2^-9 nats of rounding noise)."))
-    kl_cache_topk_min: int = field(default=64, **_help("Smallest K of the top-K compression; below it the probe is an error at train start."))
-
-    def __post_init__(self) -> None:
-        def bad(name: str, fix: str) -> ValueError:
-            return ValueError(f"KLProbeConfig.{name}={getattr(self, name)!r} is invalid: {fix}")
-
-        for name in ("kl_probe_size", "kl_probe_max_new_tokens", "kl_probe_max_prompt_tokens", "kl_cache_topk_min"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise bad(name, "use a positive integer")
-        if self.kl_every_n_steps is not None and (
-            isinstance(self.kl_every_n_steps, bool) or not isinstance(self.kl_every_n_steps, int) or self.kl_every_n_steps < 1
-        ):
-            raise bad("kl_every_n_steps", "use a positive integer or None (= the geometry interval)")
-        if not isinstance(self.temperature, (int, float)) or self.temperature <= 0:
-            raise bad("temperature", "use a positive number, e.g. 1.0")
-        if not isinstance(self.kl_cache_max_mb, (int, float)) or self.kl_cache_max_mb <= 0:
-            raise bad("kl_cache_max_mb", "use a positive number of MiB")
-        if self.kl_cache_dtype not in ("float32", "bfloat16"):
-            raise bad("kl_cache_dtype", "choose 'float32' or 'bfloat16'")
-        if self.prompts is not None:
-            self.prompts = (self.prompts,) if isinstance(self.prompts, str) else tuple(self.prompts)
-            if not self.prompts or any(not isinstance(p, str) or not p.strip() for p in self.prompts):
-                raise bad("prompts", "give non-empty prompt strings, or None to take them from the train dataset")
 
 
 def _is_peft(model: Any) -> bool:
@@ -151,6 +108,36 @@ def _eval_mode(model: Any):
         yield
     finally:
         model.train(was_training)
+
+
+def _positions(model: Any) -> int | None:
+    """The model's largest sequence length (``max_position_embeddings``), if it has one."""
+    cfg = getattr(model, "config", None)
+    if hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def _fit_positions(model: Any, cfg: KLProbeConfig) -> tuple[int, int]:
+    """Prompt and completion lengths of the probe that fit the model's positions: the
+    configured ones, or (with one warning) a probe sized to the model."""
+    max_prompt, new_tokens = cfg.kl_probe_max_prompt_tokens, cfg.kl_probe_max_new_tokens
+    n = _positions(model)
+    if n is None or max_prompt + new_tokens <= n:
+        return max_prompt, new_tokens
+    if n < 2:
+        raise ValueError(f"KL probe: the model has {n} position(s); a probe needs at least 2")
+    new_tokens = max(1, min(new_tokens, n // 2))
+    max_prompt = min(max_prompt, n - new_tokens)
+    warnings.warn(
+        f"rlmonitor: KL probe of {cfg.kl_probe_max_prompt_tokens} prompt + {cfg.kl_probe_max_new_tokens} completion "
+        f"tokens exceeds the model's {n} positions (max_position_embeddings); sized to {max_prompt} + {new_tokens}. "
+        "Set KLProbeConfig(kl_probe_max_prompt_tokens=..., kl_probe_max_new_tokens=...) to choose.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return max_prompt, new_tokens
 
 
 def _rng_devices(model: Any) -> list[int]:
@@ -210,18 +197,20 @@ class KLProbe:
             raise ValueError("KL probe: the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
         prompts = self.select_prompts(tokenizer, dataset)
         device = next(model.parameters()).device
+        max_prompt, new_tokens = _fit_positions(model, cfg)
         encoded = []
         for ids in prompts:
             if not ids:
                 continue
-            if len(ids) > cfg.kl_probe_max_prompt_tokens:
-                warnings.warn(f"rlmonitor: KL probe prompt of {len(ids)} tokens cut to the last "
-                              f"{cfg.kl_probe_max_prompt_tokens}", RuntimeWarning, stacklevel=2)
-                ids = ids[-cfg.kl_probe_max_prompt_tokens :]
+            if len(ids) > max_prompt:
+                warnings.warn(f"rlmonitor: KL probe prompt of {len(ids)} tokens cut to the last {max_prompt}",
+                              RuntimeWarning, stacklevel=2)  # fmt: skip
+                ids = ids[-max_prompt:]
             encoded.append(ids)
         if not encoded:
             raise ValueError("KL probe: every probe prompt tokenizes to nothing; give longer prompts")
         width = max(len(x) for x in encoded)
+        new_tokens = min(new_tokens, _positions(model) - width) if _positions(model) else new_tokens
         prompt_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
         prompt_mask = torch.zeros((len(encoded), width), dtype=torch.long)
         for i, ids in enumerate(encoded):  # left padding
@@ -237,7 +226,7 @@ class KLProbe:
                 temperature=cfg.temperature,
                 top_k=0,
                 top_p=1.0,
-                max_new_tokens=cfg.kl_probe_max_new_tokens,
+                max_new_tokens=new_tokens,
                 pad_token_id=pad_id,
                 eos_token_id=eos,
                 synced_gpus=synced,
@@ -333,14 +322,14 @@ class KLProbe:
             fwd, rev = token_kl(logp, logq), token_kl(logq, logp)
         tokens = self.input_ids.to(logp.device)[:, 1:][self.completion_mask[:, :-1].to(logp.device)]
         out = {
-            "kl/base_forward": float(fwd.mean()),
-            "kl/base_reverse": float(rev.mean()),
-            "kl/base_forward_max": float(fwd.max()),
-            "kl/probe_logprob_mean": float(logp.gather(-1, tokens.unsqueeze(-1)).mean()),
-            "kl/cache_bytes": float(self.cache_bytes),
+            keys.KL_FORWARD: float(fwd.mean()),
+            keys.KL_REVERSE: float(rev.mean()),
+            keys.KL_FORWARD_MAX: float(fwd.max()),
+            keys.KL_LOGPROB_MEAN: float(logp.gather(-1, tokens.unsqueeze(-1)).mean()),
+            keys.KL_CACHE_BYTES: float(self.cache_bytes),
         }
         if self.prev is not None:
-            out["kl/step_forward"] = float(token_kl(logp, self.prev.to(logp.device, torch.float32)).mean())
+            out[keys.KL_STEP] = float(token_kl(logp, self.prev.to(logp.device, torch.float32)).mean())
         self.prev = logp.to("cpu", torch.float32 if self.config.kl_cache_dtype == "float32" else torch.bfloat16)
         return out
 

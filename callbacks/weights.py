@@ -22,12 +22,10 @@ import torch
 from torch import nn
 
 from rlmonitor.core.config import GeometryConfig
-from rlmonitor.core.engine import MatrixSpec
-from rlmonitor.core.naming import canonical, parse_name
+from rlmonitor.core.naming import MatrixSpec, canonical, parse_name
 
-__all__ = ["MatrixRef", "find_matrices", "gathered", "is_lora_layer", "is_sharded"]
-
-_ATTN_KINDS = {"q", "k", "v", "o"}
+__all__ = ["MatrixRef", "find_matrices", "gathered", "is_lora_layer", "is_sharded", "model_identity",
+           "no_matrix_message"]
 
 
 def is_lora_layer(module: nn.Module) -> bool:
@@ -63,8 +61,17 @@ class MatrixRef:
     lora: bool
 
     @property
+    def param(self) -> torch.Tensor:
+        return self.module.base_layer.weight if self.lora else self.module.weight
+
+    @property
     def sharded(self) -> bool:
-        return is_sharded(self.module.base_layer.weight if self.lora else self.module.weight)
+        return is_sharded(self.param)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the effective weight (PEFT merges into the base weight's dtype)."""
+        return self.param.dtype
 
     def _adapters(self) -> list[str]:
         m = self.module
@@ -142,8 +149,39 @@ def find_matrices(model: nn.Module, config: GeometryConfig) -> list[MatrixRef]:
         if name in seen or not any(p.search(name) for p in include) or any(p.search(name) for p in exclude):
             continue
         seen.add(name)
-        parsed = parse_name(name)
-        hd = head_dim if parsed.kind in _ATTN_KINDS else None
-        spec = MatrixSpec(name=name, layer=parsed.layer, kind=parsed.kind, shape=shape, head_dim=hd)
-        refs.append(MatrixRef(spec=spec, module=module, lora=lora))
+        refs.append(MatrixRef(spec=MatrixSpec.from_name(name, shape, head_dim), module=module, lora=lora))
     return refs
+
+
+def _two_d_modules(model: nn.Module) -> list[str]:
+    out = []
+    for raw_name, module in model.named_modules():
+        if ".lora_" in raw_name or ".base_layer" in raw_name:
+            continue
+        weight = module.base_layer.weight if is_lora_layer(module) else getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and len(getattr(weight, "ds_shape", weight.shape)) == 2:
+            out.append(canonical(raw_name))
+    return list(dict.fromkeys(out))
+
+
+def no_matrix_message(model: nn.Module, config: GeometryConfig) -> str:
+    """Why nothing is monitored, with this model's 2-D modules and a pattern that matches them."""
+    names = _two_d_modules(model)
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names if parse_name(n).layer is not None})
+    hint = f"include=(r'\\.({'|'.join(leaves)})$',)" if leaves else "include=(r'<pattern>',)"
+    shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+    return (
+        f"GeometryCallback found no weight matrix to monitor: GeometryConfig.include={config.include!r} "
+        f"(exclude={config.exclude!r}) matched none of this model's {len(names)} 2-D weights ({shown or 'none'}). "
+        f"Patterns are matched (re.search) against these canonical names; for this model try {hint}."
+    )
+
+
+def model_identity(model: nn.Module) -> str:
+    """Architecture facts that identify a model (part of the saved base's fingerprint)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = getattr(base, "config", None)
+    facts = [type(base).__name__]
+    for attr in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
+        facts.append(f"{attr}={getattr(cfg, attr, None)}")
+    return ";".join(facts)

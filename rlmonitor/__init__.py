@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 # light (the Trainer integration imports transformers)
 _LAZY = {
     "GeometryCallback": "rlmonitor.callbacks.geometry",
-    "KLProbeConfig": "rlmonitor.callbacks.kl",
+    "KLProbeConfig": "rlmonitor.core.config",
     "CollapseCallback": "rlmonitor.callbacks.collapse",
     "GeometryConfig": "rlmonitor.core.config",
     "CollapseConfig": "rlmonitor.core.collapse",

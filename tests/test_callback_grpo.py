@@ -198,12 +198,12 @@ def test_resume_keeps_the_original_base(tiny_model_path, tmp_path):
 def test_metric_failure_does_not_stop_training(tiny_model_path, tmp_path, monkeypatch):
     from trl import GRPOTrainer
 
-    import rlmonitor.core.engine as geometry
+    import rlmonitor.core.spectral as spectral
 
     def broken(*a, **k):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(geometry, "top_k_svd", broken)
+    monkeypatch.setattr(spectral, "change", broken)  # the engine's spectral step
     cb = GeometryCallback(every_n_steps=2, k=4)
     trainer = GRPOTrainer(model=tiny_model_path, reward_funcs=[digit_reward], train_dataset=prompts_dataset(),
                           args=grpo_args(tmp_path, max_steps=4), callbacks=[cb])

@@ -151,7 +151,7 @@ def test_demo_ctrl_c_keeps_finished_parts(demo_env, monkeypatch):
     def interrupting(self, args, state, control, **kwargs):
         original(self, args, state, control, **kwargs)
         if args.run_name == "sft" and state.global_step == 2:
-            self.worker.flush()  # deterministic for the test: step 2's record is written
+            self.monitor.worker.flush()  # deterministic for the test: step 2's record is written
             raise KeyboardInterrupt
 
     monkeypatch.setattr(GeometryCallback, "on_step_end", interrupting)

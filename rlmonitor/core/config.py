@@ -1,18 +1,28 @@
-"""Configuration of the weight-geometry monitor (one dataclass, validated on construction)."""
+"""Configuration of the live monitor: what it measures, how often, within what memory,
+and the KL probe. One dataclass each, validated on construction (see
+:mod:`rlmonitor.core.fields`): an invalid value raises ``ValueError`` naming the
+field, the value and the fix.
+
+``GeometryConfig`` parameters, by group:
+
+- *When*: ``every_n_steps``, ``layers_per_snapshot``.
+- *What*: ``include``, ``exclude``, ``k``, ``spectral``, ``compare_previous``,
+  ``principal_alpha``, ``low_alpha``, ``eta``, ``min_rel_gap``.
+- *Resources*: ``snapshot_dtype``, ``max_snapshot_memory_gb``, ``worker_threads``,
+  ``async_metrics``, ``flush_timeout_s``.
+- *Output*: ``heatmap_layers``, ``heatmap_kinds``, ``smooth_window``,
+  ``plot_every_n_snapshots``, ``per_layer_keys``, ``wandb``, ``output_subdir``.
+"""
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Literal
 
+from .fields import Check, help_field
 from .naming import DEFAULT_INCLUDE
 
-__all__ = ["GeometryConfig"]
-
-
-def _help(text: str, **kw) -> dict:
-    return {"metadata": {"help": text}, **kw}
+__all__ = ["GeometryConfig", "KLProbeConfig"]
 
 
 @dataclass
@@ -22,87 +32,123 @@ class GeometryConfig:
     Every field has a default; invalid values raise ``ValueError`` naming the field.
     """
 
-    every_n_steps: int = field(default=20, **_help("Snapshot and measure every N optimizer steps (plus the last step)."))
-    k: int = field(default=16, **_help("Rank of the top-k singular subspaces for principal angles and spectral drift."))
-    oversample: int = field(default=8, **_help("Extra singular vectors kept per matrix to warm-start the next top-k SVD."))
-    principal_alpha: float = field(default=0.05, **_help("Fraction of weights in the principal mask (top-alpha of |rank-k reconstruction|; LIFT uses 0.05)."))
-    low_alpha: float = field(default=0.05, **_help("Fraction of weights in the low-magnitude mask (bottom-alpha of |W0|)."))
-    eta: float = field(default=1e-3, **_help("Relative tolerance of the bf16-aware change test (paper: 1e-3)."))
-    include: tuple[str, ...] = field(default=DEFAULT_INCLUDE, **_help("Regexes (re.search) on module names selecting the 2-D weights to monitor; default: attention q/k/v/o and MLP gate/up/down projections."))
-    exclude: tuple[str, ...] = field(default=(), **_help("Regexes on module names to leave out, applied after `include`."))
-    spectral: bool = field(default=True, **_help("Compute principal angles, spectral drift and the principal mask (SVD work)."))
-    compare_previous: bool = field(default=True, **_help("Keep the previous snapshot for sparsity vs previous, profile stability and the per-interval weight step (one more snapshot of memory)."))
-    snapshot_dtype: Literal["auto", "bfloat16", "float32"] = field(default="auto", **_help("Storage dtype of snapshots: 'auto' keeps the parameters' dtype (exact fp32 norms of dW); 'bfloat16' halves memory (the bf16-aware metrics are unaffected, norms use bf16 casts)."))
-    max_snapshot_memory_gb: float = field(default=8.0, **_help("Budget for snapshots, masks and factors in CPU memory; exceeding it is an error at train start that says what to change."))
-    layers_per_snapshot: int | None = field(default=None, **_help("For models whose snapshots do not fit the budget: measure only this many layers per interval, rotating through all layers (aggregates combine each layer's latest measurement). None = every layer every interval."))
-    worker_threads: int | None = field(default=None, **_help("MKL/OpenMP threads of the background worker thread only (training keeps its own); None = cpu_count // 4, at least 1."))
-    async_metrics: bool = field(default=True, **_help("Compute metrics on a background thread so the training loop only pays for the snapshot copy."))
-    heatmap_layers: tuple[int, ...] | None = field(default=None, **_help("Layers whose row/column update ratios are drawn over time (default: the middle layer)."))
-    heatmap_kinds: tuple[str, ...] = field(default=("q", "k", "v", "o"), **_help("Module kinds drawn in the row/column heat maps (q/k/v as rows, o/down as columns)."))
-    smooth_window: int = field(default=3, **_help("Moving window over snapshots for the row/column heat maps (1 = no smoothing; the paper smooths over 3)."))
-    plot_every_n_snapshots: int = field(default=5, **_help("Redraw dashboard images every N snapshots (and at train end); 0 = only at train end."))
-    per_layer_keys: bool = field(default=True, **_help("Log per-layer scalars under geometry/layers/<i>/..."))
-    wandb: Literal["auto", "off"] = field(default="auto", **_help("'auto': log to the active W&B run (the Trainer's) when there is one; never starts a run. 'off': local files only."))
-    output_subdir: str = field(default="rlmonitor", **_help("Folder under the Trainer's output_dir for the base snapshot, metrics.jsonl and plots."))
+    every_n_steps: int = help_field("Snapshot and measure every N optimizer steps (plus the last step).", default=20)
+    k: int = help_field("Rank of the top-k singular subspaces for principal angles and spectral drift.", default=16)
+    oversample: int = help_field("Extra singular directions of the step-0 base kept beyond k (at least this many; "
+                                 "more where the spectral gap needs them).", default=8)  # fmt: skip
+    principal_alpha: float = help_field("Fraction of weights in the principal mask (top-alpha of |rank-k "
+                                        "reconstruction|; LIFT uses 0.05).", default=0.05)  # fmt: skip
+    low_alpha: float = help_field("Fraction of weights in the low-magnitude mask (bottom-alpha of |W0|).", default=0.05)
+    eta: float = help_field("Relative tolerance of the bf16-aware change test (paper: 1e-3).", default=1e-3)
+    min_rel_gap: float = help_field("Relative spectral gap (sigma_k - sigma_{k+1}) / sigma_k below which a matrix's "
+                                    "top-k subspace counts as ill-defined: its angles are reported but kept out of "
+                                    "the headline maxima.", default=1e-3)  # fmt: skip
+    include: tuple[str, ...] = help_field("Regexes (re.search) on canonical module names selecting the 2-D weights "
+                                          "to monitor; default: attention q/k/v/o and MLP gate/up/down projections.",
+                                          default=DEFAULT_INCLUDE)  # fmt: skip
+    exclude: tuple[str, ...] = help_field("Regexes on module names to leave out, applied after `include`.", default=())
+    spectral: bool = help_field("Compute principal angles, spectral drift and the principal mask (SVD work).",
+                                default=True)  # fmt: skip
+    compare_previous: bool = help_field("Keep the previous snapshot for sparsity vs previous, profile stability and "
+                                        "the per-interval weight step (one more snapshot of memory).", default=True)  # fmt: skip
+    snapshot_dtype: Literal["auto", "bfloat16", "float32"] = help_field(
+        "Storage dtype of snapshots: 'auto' keeps the parameters' dtype (exact fp32 norms of dW); 'bfloat16' halves "
+        "memory (the bf16-aware metrics are unaffected, norms and spectra use the bf16 values).", default="auto")
+    max_snapshot_memory_gb: float = help_field("Budget for the base, snapshots (queued ones included), masks and "
+                                               "factors in host memory; exceeding it is an error at train start that "
+                                               "says what to change.", default=8.0)  # fmt: skip
+    layers_per_snapshot: int | None = help_field("For models whose snapshots do not fit the budget: measure only this "
+                                                 "many layers per interval, rotating through all layers (aggregates "
+                                                 "combine each layer's latest measurement). None = every layer every "
+                                                 "interval.", default=None)  # fmt: skip
+    worker_threads: int | None = help_field("MKL/OpenMP threads of the background worker thread only (training keeps "
+                                            "its own); None = cpu_count // 4, at least 1.", default=None)  # fmt: skip
+    async_metrics: bool = help_field("Compute metrics on a background thread so the training loop only pays for the "
+                                     "snapshot copy.", default=True)  # fmt: skip
+    flush_timeout_s: float = help_field("Longest wait for queued measurements at train end, on an exception, "
+                                        "SIGTERM or interpreter exit; what is unfinished then is abandoned with a "
+                                        "warning (what finished is kept).", default=60.0)  # fmt: skip
+    heatmap_layers: tuple[int, ...] | None = help_field("Layers whose row/column update ratios are drawn over time "
+                                                        "(default: the middle layer).", default=None)  # fmt: skip
+    heatmap_kinds: tuple[str, ...] = help_field("Module kinds drawn in the row/column heat maps (q/k/v as rows, "
+                                                "o/down as columns).", default=("q", "k", "v", "o"))  # fmt: skip
+    smooth_window: int = help_field("Moving window over snapshots for the row/column heat maps (1 = no smoothing; the "
+                                    "paper smooths over 3).", default=3)  # fmt: skip
+    plot_every_n_snapshots: int = help_field("Redraw dashboard images every N snapshots (and at train end); 0 = only "
+                                             "at train end.", default=5)  # fmt: skip
+    per_layer_keys: bool = help_field("Log per-layer scalars under geometry/layers/<i>/...", default=True)
+    wandb: Literal["auto", "off"] = help_field("'auto': log to the active W&B run (the Trainer's) when there is one; "
+                                               "never starts a run. 'off': local files only.", default="auto")  # fmt: skip
+    output_subdir: str = help_field("Folder under the Trainer's output_dir for the base snapshot, metrics.jsonl and "
+                                    "plots (a plain relative name).", default="rlmonitor")  # fmt: skip
 
     def __post_init__(self) -> None:
-        def bad(name: str, fix: str) -> ValueError:
-            return ValueError(f"GeometryConfig.{name}={getattr(self, name)!r} is invalid: {fix}")
-
+        c = Check(self)
         for name in ("every_n_steps", "k", "smooth_window"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise bad(name, "use a positive integer")
+            c.integer(name)
         for name in ("oversample", "plot_every_n_snapshots"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise bad(name, "use a non-negative integer")
+            c.integer(name, lo=0)
         for name in ("principal_alpha", "low_alpha"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v < 1.0:
-                raise bad(name, "use a fraction in (0, 1), e.g. 0.05")
-        if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not 0.0 <= self.eta < 1.0:
-            raise bad("eta", "use a relative tolerance in [0, 1); the paper's is 1e-3")
-        if (
-            isinstance(self.max_snapshot_memory_gb, bool)
-            or not isinstance(self.max_snapshot_memory_gb, (int, float))
-            or self.max_snapshot_memory_gb <= 0
-        ):
-            raise bad("max_snapshot_memory_gb", "use a positive number of GiB")
-        if self.layers_per_snapshot is not None and (
-            isinstance(self.layers_per_snapshot, bool) or not isinstance(self.layers_per_snapshot, int)
-            or self.layers_per_snapshot < 1
-        ):
-            raise bad("layers_per_snapshot", "use a positive number of layers, or None for all")
-        if self.worker_threads is not None and (
-            isinstance(self.worker_threads, bool) or not isinstance(self.worker_threads, int) or self.worker_threads < 1
-        ):
-            raise bad("worker_threads", "use a positive number of threads, or None for cpu_count // 4")
-        if self.snapshot_dtype not in ("auto", "bfloat16", "float32"):
-            raise bad("snapshot_dtype", "choose 'auto', 'bfloat16' or 'float32'")
-        if self.wandb not in ("auto", "off"):
-            raise bad("wandb", "choose 'auto' or 'off'")
-        for name in ("include", "exclude"):
-            v = getattr(self, name)
-            if isinstance(v, str):
-                v = (v,)
-            v = tuple(v)
-            for pattern in v:
-                try:
-                    re.compile(pattern)
-                except (re.error, TypeError) as e:
-                    raise bad(name, f"pattern {pattern!r} is not a valid regex ({e})") from None
-            setattr(self, name, v)
-        if not self.include:
-            raise bad("include", "give at least one regex, e.g. r'_proj$'")
+            c.number(name, 0.0, 1.0, lo_open=True, hi_open=True, fix="use a fraction in (0, 1), e.g. 0.05")
+        c.number("eta", 0.0, 1.0, hi_open=True, fix="use a relative tolerance in [0, 1); the paper's is 1e-3")
+        c.number("min_rel_gap", 0.0, 1.0, hi_open=True, fix="use a fraction in [0, 1), e.g. 1e-3; 0 flags nothing")
+        c.number("max_snapshot_memory_gb", 0.0, lo_open=True, fix="use a finite positive number of GiB, e.g. 8")
+        c.number("flush_timeout_s", 0.0, fix="use a finite number of seconds >= 0, e.g. 60")
+        c.integer("layers_per_snapshot", optional=True, fix="use a positive number of layers, or None for all")
+        c.integer("worker_threads", optional=True, fix="use a positive number of threads, or None for cpu_count // 4")
+        c.choice("snapshot_dtype", ("auto", "bfloat16", "float32"))
+        c.choice("wandb", ("auto", "off"))
+        for name in ("spectral", "compare_previous", "async_metrics", "per_layer_keys"):
+            c.boolean(name)
+        c.regexes("include", allow_empty=False)
+        c.regexes("exclude")
         if self.heatmap_layers is not None:
-            v = tuple(self.heatmap_layers) if not isinstance(self.heatmap_layers, int) else (self.heatmap_layers,)
-            if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in v):
-                raise bad("heatmap_layers", "use non-negative layer indices, e.g. (12,)")
-            self.heatmap_layers = v
-        self.heatmap_kinds = (self.heatmap_kinds,) if isinstance(self.heatmap_kinds, str) else tuple(self.heatmap_kinds)
-        if not self.output_subdir or ("/" in self.output_subdir.strip("/") and ".." in self.output_subdir):
-            raise bad("output_subdir", "use a plain folder name such as 'rlmonitor'")
+            v = (self.heatmap_layers,) if isinstance(self.heatmap_layers, int) else self.heatmap_layers
+            if not isinstance(v, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in v):
+                raise c.fail("heatmap_layers", "use non-negative layer indices, e.g. (12,)")
+            self.heatmap_layers = tuple(v)
+        c.strings("heatmap_kinds", allow_empty=True)
+        c.folder_name("output_subdir")
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+
+@dataclass
+class KLProbeConfig:
+    """Configuration of the KL probe (one per :class:`~rlmonitor.GeometryCallback`)."""
+
+    enabled: bool = help_field("Measure KL to the base policy on a fixed probe set.", default=True)
+    kl_probe_size: int = help_field("Number of probe prompts.", default=8)
+    kl_probe_max_new_tokens: int = help_field("Completion tokens sampled once from the base policy per probe prompt "
+                                              "(lowered, with a warning, to fit the model's positions).", default=64)  # fmt: skip
+    kl_probe_max_prompt_tokens: int = help_field("Longer probe prompts are cut from the left (with a warning).",
+                                                 default=256)  # fmt: skip
+    kl_every_n_steps: int | None = help_field("Probe interval in optimizer steps (default: the geometry interval).",
+                                              default=None)  # fmt: skip
+    prompts: tuple[str, ...] | None = help_field("Probe prompts to use instead of the train dataset's.", default=None)
+    seed: int = help_field("Seed for choosing probe prompts and sampling their completions.", default=1234)
+    temperature: float = help_field("Sampling temperature of the probe completions.", default=1.0)
+    kl_cache_max_mb: float = help_field("Budget for cached base log-probs; above it, top-K + tail compression.",
+                                        default=512.0)  # fmt: skip
+    kl_cache_dtype: str = help_field("'float32' (accurate) or 'bfloat16' (half the memory, ~entropy*2^-9 nats of "
+                                     "rounding noise).", default="float32")  # fmt: skip
+    kl_cache_topk_min: int = help_field("Smallest K of the top-K compression; below it the probe is an error at "
+                                        "train start.", default=64)  # fmt: skip
+
+    def __post_init__(self) -> None:
+        c = Check(self)
+        c.boolean("enabled")
+        for name in ("kl_probe_size", "kl_probe_max_new_tokens", "kl_probe_max_prompt_tokens", "kl_cache_topk_min"):
+            c.integer(name)
+        c.integer("kl_every_n_steps", optional=True, fix="use a positive integer or None (= the geometry interval)")
+        c.integer("seed", lo=0)
+        c.number("temperature", 0.0, lo_open=True, fix="use a positive number, e.g. 1.0")
+        c.number("kl_cache_max_mb", 0.0, lo_open=True, fix="use a positive number of MiB")
+        c.choice("kl_cache_dtype", ("float32", "bfloat16"))
+        c.strings("prompts", optional=True,
+                  fix="give non-empty prompt strings, or None to take them from the train dataset")  # fmt: skip
 
     @classmethod
     def field_names(cls) -> set[str]:

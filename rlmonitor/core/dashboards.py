@@ -19,10 +19,19 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from .engine import GeometryRecord, MatrixSpec
-from .naming import MODULE_KINDS
+from .engine import GeometryRecord
+from .naming import MODULE_KINDS, MatrixSpec
 
-__all__ = ["Dashboard", "smooth_over_time"]
+__all__ = ["Dashboard", "figure_array", "save_figures", "smooth_over_time"]
+
+
+def figure_array(fig: Figure) -> np.ndarray:
+    """The figure rendered as an HxWx3 uint8 array (what W&B images take)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def smooth_over_time(profiles: np.ndarray, window: int) -> np.ndarray:
@@ -51,16 +60,25 @@ class Dashboard:
 
     def update(self, rec: GeometryRecord) -> None:
         self.steps.append(rec.step)
-        per_layer: dict[int, float] = {}
-        prefix = "geometry/layers/"
-        for key, value in rec.scalars.items():
-            if key.startswith(prefix) and key.endswith("/update_sparsity"):
-                per_layer[int(key[len(prefix) :].split("/")[0])] = value
-        self.layer_sparsity.append(per_layer)
+        counts: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+        for m in rec.matrices:
+            if m.get("layer") is not None and "changed" in m:
+                counts[m["layer"]][0] += m["changed"]
+                counts[m["layer"]][1] += m["numel"]
+        self.layer_sparsity.append({layer: 1.0 - c / n for layer, (c, n) in counts.items() if n})
         for name, prof in rec.profiles.items():
             self.profiles[name].append((rec.step, prof["rows"], prof["cols"]))
         if rec.angle_curves:
             self.angle_curves = rec.angle_curves
+
+    def angle_series(self, step: int, limit: int = 8) -> dict | None:
+        """The latest left-angle curves as a W&B line series (at most ``limit`` matrices)."""
+        if not self.angle_curves:
+            return None
+        names = list(self.angle_curves)[:limit]
+        k = min(len(self.angle_curves[n]["left"]) for n in names)
+        return {"xs": list(range(1, k + 1)), "ys": [self.angle_curves[n]["left"][:k] for n in names], "keys": names,
+                "title": f"principal angles (left, deg) at step {step}", "xname": "i"}
 
     # -- figures ----------------------------------------------------------
     def figures(self) -> dict[str, Figure]:

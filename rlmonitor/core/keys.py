@@ -175,6 +175,9 @@ SNAPSHOT_BYTES = Key("geometry/snapshot_bytes", section="system", summary="max",
                      meaning="host memory held by the monitor: base state, previous and queued snapshots")  # fmt: skip
 DROPPED = Key("geometry/dropped_snapshots", section="system", summary="max",
               meaning="snapshots skipped because the worker was busy (cumulative)")  # fmt: skip
+MATRICES_WITHOUT_BASE = Key("geometry/matrices_without_base", section="system",
+                             meaning="monitored matrices the saved base lacks (a resume with other include patterns): "
+                                     "not measured, named in a warning and flagged in matrices.jsonl")  # fmt: skip
 BASE_IS_RESUMED = Key("geometry/base_is_resumed", section="system",
                       meaning="1 if a resumed run found no saved base and measures against the resumed weights")  # fmt: skip
 
@@ -264,6 +267,7 @@ MATRIX_FIELDS: dict[str, str] = {
     "spectral_drift_topk_bound": "certified bound on its error",
     "rel_gap": "(sigma_k - sigma_{k+1}) / sigma_k (the smaller of W_0's and W_t's)",
     "ill_conditioned": "rel_gap < min_rel_gap: the top-k subspace is ill-defined",
+    "no_base": "true for a monitored matrix the saved base lacks (not measured)",
     "spectral_method": "how the spectral values were computed: unchanged, krylov (certified) or exact",
 }
 
@@ -274,7 +278,7 @@ def markdown_table(sections: tuple[str, ...] = SECTIONS) -> str:
     for section in sections:
         for key in KEYS.values():
             if key.section == section:
-                text = key.meaning + (f": `{key.formula}`" if key.formula else "")
+                text = (key.meaning + (f": `{key.formula}`" if key.formula else "")).replace("|", "\\|")
                 rows.append(f"| `{key}` | {text} | {key.paper} |")
     return "\n".join(rows)
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_INCLUDE", "MODULE_KINDS", "MatrixName", "canonical", "canonical_key", "parse_name"]
+__all__ = ["DEFAULT_INCLUDE", "MODULE_KINDS", "MatrixName", "MatrixSpec", "canonical", "canonical_key", "parse_name"]
 
 #: Module kinds in display order.
 MODULE_KINDS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+
+_ROW_KINDS = frozenset({"q", "k", "v", "gate", "up"})  # heads/features along the output (row) axis
 
 _KIND_OF_LEAF = {
     "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
@@ -75,3 +77,32 @@ def parse_name(name: str) -> MatrixName:
     layer = int(m.group(1)) if m else None
     leaf = name.rsplit(".", 1)[-1]
     return MatrixName(name=name, layer=layer, kind=_KIND_OF_LEAF.get(leaf, leaf))
+
+
+@dataclass(frozen=True)
+class MatrixSpec:
+    """Static facts about one monitored matrix."""
+
+    name: str
+    layer: int | None
+    kind: str
+    shape: tuple[int, int]
+    head_dim: int | None = None  # size of one attention head along the head axis
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def head_axis(self) -> str:
+        """'rows' for q/k/v (heads stacked along outputs), 'cols' for o/down."""
+        return "rows" if self.kind in _ROW_KINDS else "cols"
+
+    @classmethod
+    def from_name(cls, name: str, shape: tuple[int, ...], head_dim: int | None = None) -> MatrixSpec:
+        """The spec of a matrix from its (any-form) name and shape; ``head_dim`` is kept
+        for attention kinds only."""
+        parsed = parse_name(name)
+        hd = head_dim if parsed.kind in ("q", "k", "v", "o") else None
+        return cls(name=parsed.name, layer=parsed.layer, kind=parsed.kind, shape=(int(shape[0]), int(shape[1])),
+                   head_dim=hd)

@@ -1,10 +1,22 @@
 """Where records go: an append-only local folder (always) and the active W&B run.
 
-Local layout under ``<output_dir>/rlmonitor/``: ``metrics.jsonl`` (one JSON object
-per logged record: ``step``, ``time`` and the scalar keys), ``matrices.jsonl``
-(per-matrix detail of every snapshot), ``plots/*.png`` (latest dashboard images)
-and ``summary.json``. Lines are flushed as written, so nothing is lost when W&B
-is disabled, offline or failing, or when training dies.
+Local layout under ``<output_dir>/rlmonitor/``: ``metrics.jsonl`` (one JSON object per
+record: ``run_id``, ``segment``, ``step``, ``time``, the scalar keys and non-numeric
+info), ``matrices.jsonl`` (per-matrix detail of every snapshot), ``plots/*.png``
+(latest dashboard images), ``summary.json`` and ``run.json`` (the run id and its
+segments). Lines are flushed as written.
+
+Segments: every ``trainer.train()`` call is a segment of a run. When a segment
+begins (:meth:`LocalSink.begin`) the folder is made to hold one clean history:
+
+- a torn last line (a crash mid-write) is cut off;
+- resuming at step ``s``: records of steps after ``s`` (written by the crashed or
+  killed segment after its last checkpoint) are moved to ``set_aside/``;
+- a fresh run (step 0) into a folder with records moves those records to
+  ``set_aside/`` and starts a new run id.
+
+Nothing is deleted. Each sink fails alone: a failing write is counted
+(``failures``) and warned about once, and never raises.
 """
 
 from __future__ import annotations
@@ -13,15 +25,18 @@ import json
 import math
 import threading
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-__all__ = ["LocalSink", "LogItem", "WandbSink"]
+from . import keys
+
+__all__ = ["LocalSink", "LogItem", "WandbSink", "read_jsonl"]
 
 STEP_KEY = "train/global_step"  # the Trainer's W&B x-axis
-_PREFIXES = ("geometry/*", "kl/*", "collapse/*")
+_RECORD_FILES = ("metrics.jsonl", "matrices.jsonl")
 
 
 @dataclass
@@ -30,6 +45,7 @@ class LogItem:
 
     step: int
     scalars: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # non-numeric facts: local records only
     images: dict[str, Any] = field(default_factory=dict)  # name -> PNG path or HxWx3 uint8 array
     series: dict[str, dict[str, Any]] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
@@ -40,53 +56,6 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
     return v
-
-
-class LocalSink:
-    """Append-only JSONL files (thread-safe). Use :meth:`for_folder` so every
-    writer of one folder shares one instance (and one lock)."""
-
-    _instances: ClassVar[dict[Path, LocalSink]] = {}
-    _registry_lock = threading.Lock()
-
-    @classmethod
-    def for_folder(cls, folder: str | Path) -> LocalSink:
-        key = Path(folder).resolve()
-        with cls._registry_lock:
-            sink = cls._instances.get(key)
-            if sink is None or not key.exists():
-                sink = cls._instances[key] = cls(key)
-            return sink
-
-    def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.plots = self.folder / "plots"
-        self._lock = threading.Lock()
-        self._summary: dict[str, Any] = {}
-        summary = self.folder / "summary.json"
-        if summary.exists():
-            try:
-                self._summary = json.loads(summary.read_text())
-            except (OSError, ValueError):
-                self._summary = {}
-
-    def _append(self, fname: str, obj: dict[str, Any]) -> None:
-        line = json.dumps({k: _jsonable(v) for k, v in obj.items()}, allow_nan=False)
-        with self._lock, open(self.folder / fname, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-
-    def write(self, item: LogItem) -> None:
-        if item.scalars:
-            self._append("metrics.jsonl", {"step": item.step, "time": time.time(), **item.scalars})
-        if item.summary:
-            with self._lock:
-                self._summary.update(item.summary)
-                (self.folder / "summary.json").write_text(json.dumps(self._summary, indent=2, default=str))
-
-    def write_matrices(self, step: int, matrices: list[dict[str, Any]]) -> None:
-        for m in matrices:
-            self._append("matrices.jsonl", {"step": step, **m})
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -101,21 +70,157 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
-class WandbSink:
+class _FailOnce:
+    """Counts failures of one sink and warns at the first."""
+
+    what = "a sink"
+
+    def __init__(self) -> None:
+        self.failures = 0
+
+    def _fail(self, e: BaseException) -> None:
+        self.failures += 1
+        if self.failures == 1:
+            warnings.warn(f"rlmonitor: {self.what} failed ({type(e).__name__}: {e}); the other sinks keep every "
+                          "record, failures are counted in geometry/errors", RuntimeWarning, stacklevel=3)  # fmt: skip
+
+
+class LocalSink(_FailOnce):
+    """Append-only JSONL files (thread-safe). Use :meth:`for_folder` so every writer of
+    one folder in a process shares one instance (and one lock)."""
+
+    what = "writing rlmonitor's local files"
+    _instances: ClassVar[dict[Path, LocalSink]] = {}
+    _registry_lock = threading.Lock()
+
+    @classmethod
+    def for_folder(cls, folder: str | Path) -> LocalSink:
+        key = Path(folder).absolute()
+        with cls._registry_lock:
+            sink = cls._instances.get(key)
+            if sink is None or not key.exists():
+                sink = cls._instances[key] = cls(key)
+            return sink
+
+    def __init__(self, folder: str | Path) -> None:
+        super().__init__()
+        self.folder = Path(folder)
+        self.plots = self.folder / "plots"
+        self._lock = threading.Lock()
+        self._summary: dict[str, Any] = {}
+        self.run_id: str | None = None
+        self.segment = 0
+        self._token: object = None
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            summary = self.folder / "summary.json"
+            if summary.exists():
+                self._summary = json.loads(summary.read_text())
+        except (OSError, ValueError) as e:
+            self._fail(e)
+
+    # -- segments ------------------------------------------------------------
+    def begin(self, start_step: int, token: object) -> None:
+        """Start a segment at ``start_step`` (once per ``token``, e.g. the Trainer's state):
+        repair torn tails, set aside records that do not belong to this history, and
+        record the segment in ``run.json``."""
+        with self._lock:
+            if self._token is token:
+                return
+            self._token = token
+            try:
+                self._begin(start_step)
+            except Exception as e:
+                self._fail(e)
+
+    def _begin(self, start_step: int) -> None:
+        run_file = self.folder / "run.json"
+        run = json.loads(run_file.read_text()) if run_file.exists() else {}
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        fresh = start_step == 0
+        for fname in _RECORD_FILES:
+            path = self.folder / fname
+            if path.exists():
+                self._set_aside(path, None if fresh else start_step, stamp)
+        if fresh or not run:
+            run = {"run_id": uuid.uuid4().hex[:12], "segments": []}
+            self._summary = {}
+        self.run_id = run["run_id"]
+        self.segment = len(run["segments"])
+        run["segments"].append({"segment": self.segment, "start_step": start_step, "time": time.time()})
+        run_file.write_text(json.dumps(run, indent=1))
+
+    def _set_aside(self, path: Path, keep_until: int | None, stamp: str) -> None:
+        """Move records after ``keep_until`` (all when None) and unparsable lines to
+        ``set_aside/<file>.<stamp>``; the kept ones stay in place (atomic rewrite)."""
+        aside_dir = self.folder / "set_aside"
+        keep, away = [], []
+        with open(path, encoding="utf-8", newline="") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line) if line.endswith("\n") else None
+                except ValueError:
+                    rec = None
+                if rec is not None and keep_until is not None and int(rec.get("step", -1)) <= keep_until:
+                    keep.append(line)
+                else:
+                    away.append(line if line.endswith("\n") else line + "\n")
+        if not away:
+            return
+        aside_dir.mkdir(exist_ok=True)
+        with open(aside_dir / f"{path.stem}.{stamp}{path.suffix}", "a", encoding="utf-8") as f:
+            f.writelines(away)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text("".join(keep), encoding="utf-8")
+        tmp.replace(path)
+
+    # -- writing ---------------------------------------------------------------
+    def _append(self, fname: str, obj: dict[str, Any]) -> None:
+        head = {"run_id": self.run_id, "segment": self.segment} if self.run_id else {}
+        line = json.dumps({**head, **{k: _jsonable(v) for k, v in obj.items()}}, allow_nan=False, default=str)
+        with self._lock, open(self.folder / fname, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+    def write(self, item: LogItem) -> None:
+        try:
+            if item.scalars or item.info:
+                self._append("metrics.jsonl", {"step": item.step, "time": time.time(), **item.scalars, **item.info})
+            if item.summary:
+                with self._lock:
+                    self._summary.update(item.summary)
+                    (self.folder / "summary.json").write_text(json.dumps(self._summary, indent=2, default=str))
+        except Exception as e:
+            self._fail(e)
+
+    def write_matrices(self, step: int, matrices: list[dict[str, Any]]) -> None:
+        try:
+            for m in matrices:
+                self._append("matrices.jsonl", {"step": step, **m})
+        except Exception as e:
+            self._fail(e)
+
+
+class WandbSink(_FailOnce):
     """Logs to an existing W&B run on the Trainer's x-axis (``train/global_step``).
 
     Never calls ``wandb.init``; call it from the main process's main thread only.
-    A failing W&B call is warned about once and counted; it never raises.
+    Keys plot against ``train/global_step`` with the summaries the key registry
+    declares (e.g. the max principal angle's run summary is its max).
     """
 
+    what = "logging to W&B"
+
     def __init__(self, run: Any) -> None:
+        super().__init__()
         self.run = run
-        self.failures = 0
         self._alerted = False
         try:
             run.define_metric(STEP_KEY)
-            for prefix in _PREFIXES:
+            for prefix in ("geometry/*", "kl/*", "collapse/*"):
                 run.define_metric(prefix, step_metric=STEP_KEY)
+            for key in keys.KEYS.values():
+                if not key.placeholders and key.media == "scalar" and key.summary in ("max", "min"):
+                    run.define_metric(str(key), step_metric=STEP_KEY, summary=key.summary)
         except Exception as e:  # pragma: no cover - depends on the W&B backend
             self._fail(e)
 
@@ -127,16 +232,10 @@ class WandbSink:
             return None
         return wandb.run
 
-    def _fail(self, e: Exception) -> None:
-        self.failures += 1
-        if self.failures == 1:
-            warnings.warn(f"rlmonitor: logging to W&B failed ({type(e).__name__}: {e}); local files keep everything",
-                          RuntimeWarning, stacklevel=3)
-
     def write(self, item: LogItem) -> None:
-        import wandb
-
         try:
+            import wandb
+
             payload: dict[str, Any] = dict(item.scalars)
             for name, image in item.images.items():
                 payload[name] = wandb.Image(str(image) if isinstance(image, (str, Path)) else image)

@@ -10,26 +10,18 @@ the GPU cost is one PCIe transfer per interval. Pinned buffers are reused from a
 small pool (allocating pinned memory is slow).
 
 CPU tensors are simply copied (``Tensor.to(..., copy=True)``).
-
-The step-0 base is persisted with :func:`save_base` / :func:`load_base`
-(safetensors) so a resumed run measures against the true base.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from rlmonitor.metrics import TopKSVD
-
-__all__ = ["Snapshot", "SnapshotTaker", "load_base", "save_base"]
+__all__ = ["Snapshot", "SnapshotTaker"]
 
 
 @dataclass
@@ -102,33 +94,3 @@ class SnapshotTaker:
             # the optimizer's next in-place update must wait for the copies
             torch.cuda.current_stream().wait_stream(self._stream)
         return Snapshot(step=step, tensors=out, seconds=time.perf_counter() - t0, event=event)
-
-
-def save_base(folder: str | Path, weights: dict[str, torch.Tensor], factors: dict[str, TopKSVD],
-              meta: dict[str, Any]) -> None:
-    """Persist the base snapshot and its top-k factors (atomic renames)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {name: w.contiguous() for name, w in weights.items()}
-    for name, f in factors.items():
-        tensors[f"{name}::U"], tensors[f"{name}::S"], tensors[f"{name}::V"] = (x.contiguous() for x in f)
-    tmp = folder / "base.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(folder / "base.safetensors")
-    (folder / "base_meta.json").write_text(json.dumps(meta, indent=2))
-
-
-def load_base(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, TopKSVD], dict[str, Any]] | None:
-    """Load what :func:`save_base` wrote, or None if there is nothing."""
-    folder = Path(folder)
-    path, meta_path = folder / "base.safetensors", folder / "base_meta.json"
-    if not path.exists() or not meta_path.exists():
-        return None
-    tensors = load_file(str(path))
-    weights = {k: v for k, v in tensors.items() if "::" not in k}
-    factors = {
-        name: TopKSVD(tensors[f"{name}::U"], tensors[f"{name}::S"], tensors[f"{name}::V"])
-        for name in weights
-        if f"{name}::U" in tensors
-    }
-    return weights, factors, json.loads(meta_path.read_text())

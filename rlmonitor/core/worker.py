@@ -2,7 +2,8 @@
 
 Jobs are plain callables. The queue is bounded: when the worker is still busy
 with earlier snapshots, a new job is *dropped* (counted, warned once) rather than
-stalling training. A job that raises is counted and warned about; the worker
+stalling training. Waits are bounded (:meth:`MonitorWorker.flush` takes a timeout),
+so a metric that never returns cannot hang the training run. A job that raises is counted and warned about; the worker
 keeps going. With ``async_=False`` jobs run inline (deterministic, for debugging).
 ``threads`` caps the MKL/OpenMP threads of the worker thread only (see
 :func:`limit_thread_math`).
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 import warnings
 from collections.abc import Callable
 
@@ -85,13 +87,14 @@ class MonitorWorker:
     def has_room(self) -> bool:
         return not self.async_ or not self._queue.full()
 
-    def submit(self, job: Callable[[], None], *, block: bool = False) -> bool:
-        """Run ``job`` (inline or queued). Returns False if it was dropped."""
+    def submit(self, job: Callable[[], None], *, block: bool = False, timeout: float | None = None) -> bool:
+        """Run ``job`` (inline or queued). With ``block``, wait for room at most ``timeout``
+        seconds. Returns False if it was dropped (counted)."""
         if not self.async_:
             self._run(job)
             return True
         try:
-            self._queue.put(job, block=block)
+            self._queue.put(job, block=block, timeout=timeout if block else None)
             return True
         except queue.Full:
             self.drop()
@@ -105,13 +108,33 @@ class MonitorWorker:
                           "(raise every_n_steps or disable spectral metrics to keep up)",
                           RuntimeWarning, stacklevel=3)
 
-    def flush(self) -> None:
-        """Wait until every queued job has run."""
-        if self.async_:
-            self._queue.join()
+    @property
+    def pending(self) -> int:
+        """Jobs queued or running."""
+        return self._queue.unfinished_tasks if self.async_ else 0
 
-    def close(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
+    def flush(self, timeout: float | None = None) -> int:
+        """Wait until every queued job has run, at most ``timeout`` seconds (None: no
+        limit). Returns the number of jobs still queued or running (0: all done)."""
+        if not self.async_:
+            return 0
+        deadline = None if timeout is None else time.monotonic() + timeout
+        cond = self._queue.all_tasks_done
+        with cond:
+            while self._queue.unfinished_tasks:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                cond.wait(remaining)
+            return self._queue.unfinished_tasks
+
+    def close(self, timeout: float | None = None) -> int:
+        """Stop the thread after the queued jobs (waiting at most ``timeout`` seconds);
+        returns the jobs abandoned. A thread that does not stop in time is left behind
+        (it is a daemon: it never keeps the process alive)."""
+        left = self.flush(timeout)
+        if self._thread is not None and self._thread.is_alive() and not left:
             self._queue.put(None)
-            self._thread.join()
+            self._thread.join(timeout)
         self._thread = None
+        return left

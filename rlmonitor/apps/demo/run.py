@@ -843,11 +843,10 @@ class _Demo:
             info["status"] = "interrupted"
             with contextlib.suppress(Exception):
                 cur["progress"].close()
-            worker = getattr(cur.get("geometry"), "worker", None)
-            if worker is not None:  # let queued measurements finish and land in metrics.jsonl
+            geometry = cur.get("geometry")
+            if geometry is not None:  # let queued measurements finish and land in metrics.jsonl
                 with contextlib.suppress(Exception):
-                    worker.flush()
-                    worker.close()
+                    geometry.close("interrupted")
             with contextlib.suppress(Exception):
                 self.record_trainer(method, cur["trainer"])
             with contextlib.suppress(Exception):

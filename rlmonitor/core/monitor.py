@@ -1,0 +1,404 @@
+"""The live monitor, framework-free: memory budget, layer rotation, resume, the worker,
+the sinks and the dashboards. ``GeometryCallback`` only adapts Trainer events to it.
+
+Threads: the training thread calls :meth:`GeometryMonitor.start`, :meth:`snapshot`,
+:meth:`log`, :meth:`drain` and :meth:`finish`; it only copies weights. The worker
+thread analyses snapshots with :class:`~rlmonitor.core.engine.GeometryAnalyzer`, writes
+local records and queues them for W&B, which the training thread logs at the next
+:meth:`drain` (W&B is called from the main thread only).
+
+Guarantees (README "Failure behaviour"):
+
+- the step-0 base is saved once (:mod:`rlmonitor.core.basestore`), never overwritten by
+  later weights; a resumed run measures against it; matrices it lacks are named in one
+  warning and not measured;
+- records go to every sink independently (a full disk does not cost W&B its records,
+  a W&B outage does not cost the files theirs); failures are counted in ``geometry/errors``;
+- at train end, on an exception that ends the process, on SIGTERM and at interpreter
+  exit, finished and queued records are flushed, waiting at most ``flush_timeout_s``;
+  what is still unfinished then is abandoned with a warning that says so;
+- the memory budget covers queued snapshots: a snapshot that would exceed it is dropped
+  (counted in ``geometry/dropped_snapshots``), never the last one.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import exits, keys
+from . import spectral as spectral_engine
+from .basestore import fingerprint, load_base, save_base, save_spectra
+from .config import GeometryConfig
+from .dashboards import Dashboard, figure_array, save_figures
+from .engine import GeometryAnalyzer, GeometryRecord
+from .naming import MatrixSpec
+from .sinks import LocalSink, LogItem, WandbSink
+from .snapshot import Snapshot, SnapshotTaker
+from .worker import MonitorWorker
+
+__all__ = ["GeometryMonitor"]
+
+_GIB = 1024**3
+Reader = Callable[[list[MatrixSpec]], Iterator[tuple[str, torch.Tensor]]]
+
+
+class GeometryMonitor:
+    """One run's live weight-geometry monitor.
+
+    Args:
+        config: what to measure.
+        specs: the monitored matrices, in the order ``read`` yields them.
+        folder: where local records, plots and the base go.
+        itemsizes: bytes per element of each matrix as the model holds it (for the budget).
+        main: whether this process keeps, analyses and logs (rank 0); other ranks only
+            join the reads (collectives of sharded parameters).
+        sharded: reads are collectives every rank must join, so they always run.
+        identity: extra text identifying the model (part of the base's fingerprint).
+    """
+
+    def __init__(
+        self,
+        config: GeometryConfig,
+        specs: list[MatrixSpec],
+        folder: str | Path,
+        *,
+        itemsizes: Mapping[str, int],
+        main: bool = True,
+        sharded: bool = False,
+        identity: str = "",
+    ) -> None:
+        self.config, self.specs, self.folder = config, list(specs), Path(folder)
+        self.itemsizes, self.main, self.sharded = dict(itemsizes), main, sharded
+        self.fingerprint = fingerprint(self.specs, identity)
+        self.groups = self._rotation(self.specs)
+        need = self.estimate_bytes()
+        if need > config.max_snapshot_memory_gb * _GIB:
+            raise ValueError(
+                f"rlmonitor needs about {need / _GIB:.2f} GiB of host memory for {len(self.specs)} matrices but "
+                f"max_snapshot_memory_gb={config.max_snapshot_memory_gb}. Raise max_snapshot_memory_gb, or set "
+                "snapshot_dtype='bfloat16', layers_per_snapshot=<n> (rotate through the layers), "
+                "compare_previous=False, spectral=False, or monitor fewer modules with include=/exclude= patterns."
+            )
+        per_snapshot = max(max(self.snapshot_bytes(g) for g in self.groups), 1)
+        spare = int((config.max_snapshot_memory_gb * _GIB - need) // per_snapshot)
+        self.max_pending = max(1, min(8, 1 + spare))
+        self.errors = 0
+        self.dropped = 0
+        self.base_is_resumed = False
+        self.without_base: list[str] = []
+        self.last_step: int | None = None
+        self.listeners: list[Callable[[LogItem], None]] = []
+        self.analyzer: GeometryAnalyzer | None = None
+        self.worker: MonitorWorker | None = None
+        self.local: LocalSink | None = None
+        self.wandb: WandbSink | None = None
+        self._outbox: deque[LogItem] = deque()
+        self._rotation_index = 0
+        self._snapshots_done = 0
+        self._held_bytes = 0  # base state + previous snapshot, updated by the worker
+        self._inflight: dict[int, int] = {}  # id(snapshot) -> bytes, queued or being analysed
+        self._lock = threading.Lock()
+        self._warned = False
+        self._closed = False
+
+    # -- sizes -------------------------------------------------------------------------
+    def _dtype(self) -> torch.dtype | None:
+        return {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}[self.config.snapshot_dtype]
+
+    def snapshot_bytes(self, specs: Iterable[MatrixSpec]) -> int:
+        dtype = self._dtype()
+        return sum(s.numel * (dtype.itemsize if dtype else self.itemsizes.get(s.name, 4)) for s in specs)
+
+    def estimate_bytes(self, pending: int = 1) -> int:
+        """Host memory held: the base and (with compare_previous) the previous values of
+        every matrix, the current and ``pending`` queued snapshots of one rotation group,
+        the masks and the step-0 spectra."""
+        cfg = self.config
+        group = max((self.snapshot_bytes(g) for g in self.groups), default=0)
+        total = self.snapshot_bytes(self.specs) * (2 if cfg.compare_previous else 1) + (1 + pending) * group
+        for s in self.specs:
+            m, n = s.shape
+            total += m * n * (3 if cfg.spectral else 1)  # bool masks
+            if cfg.spectral:
+                total += spectral_engine.estimate_bytes(cfg, s.shape)
+        return total
+
+    def _rotation(self, specs: list[MatrixSpec]) -> list[list[MatrixSpec]]:
+        """Matrices measured together: all at once, or ``layers_per_snapshot`` layers at a
+        time (matrices outside any layer ride with the first group)."""
+        n = self.config.layers_per_snapshot
+        layers = sorted({s.layer for s in specs if s.layer is not None})
+        if n is None or n >= len(layers):
+            return [specs]
+        chunks = [set(layers[i : i + n]) for i in range(0, len(layers), n)]
+        groups = [[s for s in specs if s.layer in c] for c in chunks]
+        groups[0] = [s for s in specs if s.layer is None] + groups[0]
+        return groups
+
+    # -- failures ----------------------------------------------------------------------
+    def fail(self, where: str, e: BaseException) -> None:
+        self.errors += 1
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"rlmonitor: {where} failed ({type(e).__name__}: {e}); training continues, failures are "
+                          "counted in geometry/errors", RuntimeWarning, stacklevel=3)  # fmt: skip
+
+    def total_errors(self) -> int:
+        total = self.errors
+        for part in (self.analyzer, self.worker):
+            total += part.errors if part is not None else 0
+        for sink in (self.local, self.wandb):
+            total += sink.failures if sink is not None else 0
+        return total
+
+    # -- start ---------------------------------------------------------------------------
+    def start(self, step: int, read: Reader, token: object, wandb_run: Any = None) -> None:
+        """Set up at train start (``step`` > 0: a resumed run) and take or load the base."""
+        self.last_step = step
+        if not self.main:
+            if self.sharded and step == 0:
+                for _ in read(self.specs):  # join the base gathers
+                    pass
+            return
+        cfg = self.config
+        self.local = LocalSink.for_folder(self.folder)
+        self.local.begin(step, token)
+        self.wandb = WandbSink(wandb_run) if wandb_run is not None and cfg.wandb == "auto" else None
+        layers = sorted({s.layer for s in self.specs if s.layer is not None})
+        heat = cfg.heatmap_layers if cfg.heatmap_layers is not None else (layers[len(layers) // 2],) if layers else ()
+        profiles = [s.name for s in self.specs if s.layer in heat and s.kind in cfg.heatmap_kinds]
+        self.analyzer = GeometryAnalyzer(cfg, self.specs, profile_names=profiles)
+        self.dashboard = Dashboard(self.analyzer.specs, smooth_window=cfg.smooth_window)
+        threads = cfg.worker_threads or max(1, (os.cpu_count() or 1) // 4)
+        self.worker = MonitorWorker(async_=cfg.async_metrics, max_pending=self.max_pending, threads=threads)
+        self.taker = SnapshotTaker(self._dtype(), slots=self.max_pending + 3)
+        exits.register(self)
+        base_dir = self.folder / "base"
+        loaded = load_base(base_dir) if step > 0 else None
+        if loaded is not None:
+            self._adopt_base(loaded, base_dir)
+            return
+        if step > 0:
+            self.base_is_resumed = True
+            warnings.warn(f"rlmonitor: resuming at step {step} but no saved base in {base_dir}; measuring against "
+                          "the resumed weights (geometry/base_is_resumed=1)", RuntimeWarning, stacklevel=3)  # fmt: skip
+        snap = self.taker.take(step, read(self.specs), pooled=False)
+        meta = {"run_id": self.local.run_id, "step": step, "fingerprint": self.fingerprint, "created": time.time(),
+                "matrices": {s.name: list(s.shape) for s in self.specs}, "config": _config_dict(cfg)}  # fmt: skip
+        self._submit(lambda: self._base_job(snap, base_dir, meta, save=step == 0), snap, block=True)
+
+    def _adopt_base(self, loaded, base_dir: Path) -> None:
+        have = {n for n, w in loaded.weights.items() if n in {s.name for s in self.specs}
+                and tuple(w.shape) == next(s.shape for s in self.specs if s.name == n)}  # fmt: skip
+        self.without_base = [s.name for s in self.specs if s.name not in have]
+        if self.without_base:
+            warnings.warn(
+                f"rlmonitor: the saved base in {base_dir} lacks {len(self.without_base)} of the monitored matrices "
+                f"(e.g. {', '.join(self.without_base[:3])}): they are not measured in this run (flagged in "
+                "matrices.jsonl). The base is never overwritten; to measure them, start a fresh run.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        if loaded.step != 0:
+            self.base_is_resumed = True
+            warnings.warn(f"rlmonitor: the saved base in {base_dir} holds step {loaded.step}, not step 0 "
+                          "(written by an older rlmonitor); geometry/base_is_resumed=1", RuntimeWarning, stacklevel=4)  # fmt: skip
+        if loaded.meta.get("fingerprint") not in (None, self.fingerprint) and not self.without_base:
+            warnings.warn("rlmonitor: the saved base was written for a different model fingerprint; matrices are "
+                          "matched by name and shape", RuntimeWarning, stacklevel=4)  # fmt: skip
+        self.analyzer.restrict(have)
+        weights = {n: loaded.weights[n] for n in have}
+        spectra = {n: spectral_engine.from_tensors(t) for n, t in loaded.spectra.items() if n in have}
+
+        def job() -> None:
+            self.analyzer.set_base(weights, spectra or None)
+            self._held_bytes = self.analyzer.memory_bytes()
+
+        if not self.worker.submit(job, block=True, timeout=self.config.flush_timeout_s):
+            self.fail("loading the saved base", TimeoutError("the worker did not take the job"))
+
+    def _base_job(self, snap: Snapshot, base_dir: Path, meta: dict, save: bool) -> None:
+        snap.wait()
+        if save:
+            try:
+                save_base(base_dir, snap.tensors, {}, meta)
+            except Exception as e:
+                self.fail("saving the base", e)
+        self.analyzer.set_base(snap.tensors)
+        self._held_bytes = self.analyzer.memory_bytes()
+        if save:
+            try:
+                spectra = {n: spectral_engine.to_tensors(s) for n, s in self.analyzer.base_spectra().items()}
+                save_spectra(base_dir, spectra)
+            except Exception as e:
+                self.fail("saving the base spectra", e)
+
+    # -- snapshots -------------------------------------------------------------------------
+    def due(self, step: int) -> bool:
+        return step % self.config.every_n_steps == 0 and step != self.last_step
+
+    def _next_group(self) -> tuple[list[MatrixSpec], bool]:
+        group = self.groups[self._rotation_index % len(self.groups)]
+        self._rotation_index += 1
+        return group, len(self.groups) > 1
+
+    def held_bytes(self) -> int:
+        with self._lock:
+            return self._held_bytes + sum(self._inflight.values())
+
+    def snapshot(self, step: int, read: Reader, *, final: bool = False, extra: dict[str, float] | None = None) -> bool:
+        """Copy the weights of the next group and queue their analysis. A non-final
+        snapshot is dropped (counted) when the worker is busy or it would exceed the
+        memory budget; the final one waits for room (at most ``flush_timeout_s``)."""
+        group, partial = self._next_group()
+        self.last_step = step
+        if not self.main:
+            if self.sharded:
+                for _ in read(group):  # join the gathers
+                    pass
+            return True
+        budget = self.config.max_snapshot_memory_gb * _GIB
+        if not final and (not self.worker.has_room() or self.held_bytes() + self.snapshot_bytes(group) > budget):
+            if self.sharded:
+                for _ in read(group):
+                    pass
+            self.dropped += 1
+            self.worker.drop()
+            return False
+        snap = self.taker.take(step, read(group), pooled=not partial)
+        snap.partial, snap.extra = partial, dict(extra or {})
+        return self._submit(lambda: self._analyze(snap, final), snap, block=final or self.sharded)
+
+    def _submit(self, job: Callable[[], None], snap: Snapshot, block: bool) -> bool:
+        with self._lock:
+            self._inflight[id(snap)] = snap.nbytes
+
+        def run() -> None:
+            try:
+                job()
+            finally:
+                with self._lock:
+                    self._inflight.pop(id(snap), None)
+
+        ok = self.worker.submit(run, block=block, timeout=self.config.flush_timeout_s if block else None)
+        if not ok:
+            self.dropped += 1
+            with self._lock:
+                self._inflight.pop(id(snap), None)
+        return ok
+
+    def _analyze(self, snap: Snapshot, final: bool) -> None:
+        snap.wait()
+        rec: GeometryRecord = self.analyzer.analyze(snap.step, snap.tensors, partial=snap.partial)
+        snap.tensors = {}
+        self._snapshots_done += 1
+        self._held_bytes = self.analyzer.memory_bytes()
+        item = LogItem(step=snap.step, scalars=self._system_scalars(rec, snap), info=dict(rec.info))
+        self.dashboard.update(rec)
+        every = self.config.plot_every_n_snapshots
+        if not final and every and self._snapshots_done % every == 0:
+            self._add_plots(item)
+        for name in self.without_base:
+            rec.matrices.append({"step": snap.step, "name": name, "no_base": True})
+        self._emit(item, rec.matrices)
+
+    def _system_scalars(self, rec: GeometryRecord, snap: Snapshot) -> dict[str, float]:
+        scalars = dict(rec.scalars)
+        step_kl, step_w = snap.extra.get(keys.KL_STEP), scalars.get(keys.WEIGHT_STEP_FRO2)
+        if step_kl and step_w is not None:
+            scalars[keys.KL_WEIGHT_STEP_RATIO] = step_w / (2.0 * step_kl)
+        scalars[keys.SNAPSHOT_SECONDS] = snap.seconds
+        scalars[keys.SNAPSHOT_BYTES] = float(self.held_bytes())
+        scalars[keys.DROPPED] = float(self.dropped)
+        scalars[keys.ERRORS] = float(self.total_errors())
+        if self.base_is_resumed:
+            scalars[keys.BASE_IS_RESUMED] = 1.0
+        if self.without_base:
+            scalars[keys.MATRICES_WITHOUT_BASE] = float(len(self.without_base))
+        return scalars
+
+    # -- records ---------------------------------------------------------------------------
+    def _emit(self, item: LogItem, matrices: list[dict[str, Any]] | None = None) -> None:
+        """Hand a finished record to every sink; each fails alone."""
+        self._outbox.append(item)  # W&B and listeners, from the main thread
+        self.local.write(item)
+        if matrices:
+            self.local.write_matrices(item.step, matrices)
+
+    def log(self, item: LogItem) -> None:
+        """A record measured on the training thread (e.g. the KL probe's)."""
+        if self.main and self.local is not None:
+            self._emit(item)
+
+    def _add_plots(self, item: LogItem) -> None:
+        try:
+            figs = self.dashboard.figures()
+        except Exception as e:
+            self.fail("drawing the dashboards", e)
+            return
+        try:
+            save_figures(figs, self.local.plots)
+        except Exception as e:
+            self.local._fail(e)
+        if self.wandb is not None:
+            item.images = {keys.PLOT(figure=name): figure_array(fig) for name, fig in figs.items()}
+        series = self.dashboard.angle_series(item.step)
+        if series is not None:
+            item.series[keys.PLOT_ANGLE_CURVES] = series
+
+    def drain(self) -> None:
+        """Log finished records to W&B and the listeners (main thread)."""
+        while self._outbox:
+            item = self._outbox.popleft()
+            if self.wandb is not None:
+                self.wandb.write(item)
+            for listener in self.listeners:
+                try:
+                    listener(item)
+                except Exception as e:
+                    self.fail("a record listener", e)
+
+    # -- the end -------------------------------------------------------------------------------
+    def finish(self, step: int, read: Reader, extra: dict[str, float] | None = None) -> None:
+        """Final snapshot (if the last step was not measured), final plots, bounded flush."""
+        if step != self.last_step:
+            self.snapshot(step, read, final=True, extra=extra)
+        if not self.main or self.worker is None:
+            return
+        self.worker.submit(self._final_plots, block=True, timeout=self.config.flush_timeout_s)
+        self.close("train end")
+
+    def _final_plots(self) -> None:
+        if not self.dashboard.steps:
+            return
+        item = LogItem(step=self.dashboard.steps[-1])
+        self._add_plots(item)
+        self._emit(item)
+
+    def close(self, reason: str) -> None:
+        """Flush queued work (bounded), log what finished, stop the worker. Idempotent."""
+        if self._closed or self.worker is None:
+            return
+        self._closed = True
+        left = self.worker.close(self.config.flush_timeout_s)
+        if left:
+            warnings.warn(f"rlmonitor ({reason}): {left} queued measurement(s) did not finish within "
+                          f"flush_timeout_s={self.config.flush_timeout_s} s and were abandoned; every finished "
+                          f"record is in {self.folder}", RuntimeWarning, stacklevel=2)  # fmt: skip
+        self.drain()
+        exits.unregister(self)
+
+
+def _config_dict(cfg: GeometryConfig) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(cfg)

@@ -101,7 +101,8 @@ def test_grpo_wandb_offline_required_keys_and_sparsity(tiny_model_path, tmp_path
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_MODE", "offline")
     saver = WeightSaver(every=2)
-    cb = GeometryCallback(every_n_steps=2, k=4, plot_every_n_snapshots=2)
+    # per-kind and per-layer scalars reach W&B only when asked for (the default keeps the workspace small)
+    cb = GeometryCallback(every_n_steps=2, k=4, plot_every_n_snapshots=2, per_kind_keys=True, per_layer_keys=True)
     trainer = GRPOTrainer(
         model=tiny_model_path, reward_funcs=[digit_reward], train_dataset=prompts_dataset(),
         args=grpo_args(tmp_path / "out", report_to="wandb", run_name="geometry-test", learning_rate=3e-4),

@@ -92,8 +92,9 @@ def kind_order(kinds) -> list[str]:
     return [k for k in MODULE_KINDS if k in kinds] + sorted(kinds - set(MODULE_KINDS))
 
 
-def aggregate(config: GeometryConfig, mats: Sequence[dict[str, Any]]) -> tuple[dict[str, float], dict[str, Any]]:
-    """Scalars (registry keys) and non-numeric info from per-matrix records."""
+def aggregate(config: GeometryConfig | None, mats: Sequence[dict[str, Any]]) -> tuple[dict[str, float], dict[str, Any]]:
+    """Scalars (registry keys, every section: which of them reach W&B is the sink's
+    choice) and non-numeric info from per-matrix records."""
     out: dict[str, float] = {keys.NONFINITE: float(sum(m.get("nonfinite") or 0 for m in mats))}
     info: dict[str, Any] = {}
     _pooled(mats, out, keys.UPDATE_SPARSITY, keys.REL_FROBENIUS, keys.ANGLE_MAX, keys.DRIFT_TOPK)
@@ -102,11 +103,10 @@ def aggregate(config: GeometryConfig, mats: Sequence[dict[str, Any]]) -> tuple[d
         group = [m for m in mats if m["kind"] == kind]
         _pooled(group, out, keys.UPDATE_SPARSITY_KIND(kind=kind), keys.REL_FROBENIUS_KIND(kind=kind),
                 keys.ANGLE_MAX_KIND(kind=kind), keys.DRIFT_TOPK_KIND(kind=kind))  # fmt: skip
-    if config.per_layer_keys:
-        for layer in sorted({m["layer"] for m in mats if m["layer"] is not None}):
-            group = [m for m in mats if m["layer"] == layer]
-            _pooled(group, out, keys.UPDATE_SPARSITY_LAYER(i=layer), keys.REL_FROBENIUS_LAYER(i=layer),
-                    keys.ANGLE_MAX_LAYER_I(i=layer), keys.DRIFT_TOPK_LAYER(i=layer))  # fmt: skip
+    for layer in sorted({m["layer"] for m in mats if m["layer"] is not None}):
+        group = [m for m in mats if m["layer"] == layer]
+        _pooled(group, out, keys.UPDATE_SPARSITY_LAYER(i=layer), keys.REL_FROBENIUS_LAYER(i=layer),
+                keys.ANGLE_MAX_LAYER_I(i=layer), keys.DRIFT_TOPK_LAYER(i=layer))  # fmt: skip
     with_prev = [m for m in mats if "changed_vs_prev" in m]
     if with_prev:
         n = sum(m["numel"] for m in with_prev)

@@ -11,7 +11,8 @@ field, the value and the fix.
 - *Resources*: ``snapshot_dtype``, ``max_snapshot_memory_gb``, ``worker_threads``,
   ``async_metrics``, ``flush_timeout_s``.
 - *Output*: ``heatmap_layers``, ``heatmap_kinds``, ``smooth_window``,
-  ``plot_every_n_snapshots``, ``per_layer_keys``, ``wandb``, ``output_subdir``.
+  ``plot_every_n_snapshots``, ``per_kind_keys``, ``per_layer_keys``, ``wandb``,
+  ``output_subdir``.
 """
 
 from __future__ import annotations
@@ -76,7 +77,12 @@ class GeometryConfig:
                                     "paper smooths over 3).", default=3)  # fmt: skip
     plot_every_n_snapshots: int = help_field("Redraw dashboard images every N snapshots (and at train end); 0 = only "
                                              "at train end.", default=5)  # fmt: skip
-    per_layer_keys: bool = help_field("Log per-layer scalars under geometry/layers/<i>/...", default=True)
+    per_kind_keys: bool = help_field("Also log per-module-kind scalars (geometry/<metric>/<kind>) to W&B as one panel "
+                                     "each; by default they reach W&B as heat maps and metrics.jsonl always has "
+                                     "them.", default=False)  # fmt: skip
+    per_layer_keys: bool = help_field("Also log per-layer scalars (geometry/layers/<i>/...) to W&B as one panel each "
+                                      "(a 24-layer model adds ~100 panels); by default they reach W&B as heat maps "
+                                      "and metrics.jsonl always has them.", default=False)  # fmt: skip
     wandb: Literal["auto", "off"] = help_field("'auto': log to the active W&B run (the Trainer's) when there is one; "
                                                "never starts a run. 'off': local files only.", default="auto")  # fmt: skip
     output_subdir: str = help_field("Folder under the Trainer's output_dir for the base snapshot, metrics.jsonl and "
@@ -98,7 +104,7 @@ class GeometryConfig:
         c.integer("worker_threads", optional=True, fix="use a positive number of threads, or None for cpu_count // 4")
         c.choice("snapshot_dtype", ("auto", "bfloat16", "float32"))
         c.choice("wandb", ("auto", "off"))
-        for name in ("spectral", "compare_previous", "async_metrics", "per_layer_keys"):
+        for name in ("spectral", "compare_previous", "async_metrics", "per_kind_keys", "per_layer_keys"):
             c.boolean(name)
         c.regexes("include", allow_empty=False)
         c.regexes("exclude")

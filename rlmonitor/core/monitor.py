@@ -172,7 +172,7 @@ class GeometryMonitor:
         cfg = self.config
         self.local = LocalSink.for_folder(self.folder)
         self.local.begin(step, token)
-        self.wandb = WandbSink(wandb_run) if wandb_run is not None and cfg.wandb == "auto" else None
+        self.wandb = WandbSink(wandb_run, wandb_sections(cfg)) if wandb_run is not None and cfg.wandb == "auto" else None
         layers = sorted({s.layer for s in self.specs if s.layer is not None})
         heat = cfg.heatmap_layers if cfg.heatmap_layers is not None else (layers[len(layers) // 2],) if layers else ()
         profiles = [s.name for s in self.specs if s.layer in heat and s.kind in cfg.heatmap_kinds]
@@ -396,6 +396,13 @@ class GeometryMonitor:
                           f"record is in {self.folder}", RuntimeWarning, stacklevel=2)  # fmt: skip
         self.drain()
         exits.unregister(self)
+
+
+def wandb_sections(cfg: GeometryConfig) -> tuple[str, ...]:
+    """Registry sections whose keys reach W&B under this config."""
+    skip = {"kind"} if not cfg.per_kind_keys else set()
+    skip |= {"layer"} if not cfg.per_layer_keys else set()
+    return tuple(s for s in keys.SECTIONS if s not in skip)
 
 
 def _config_dict(cfg: GeometryConfig) -> dict[str, Any]:

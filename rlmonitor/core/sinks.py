@@ -210,9 +210,11 @@ class WandbSink(_FailOnce):
 
     what = "logging to W&B"
 
-    def __init__(self, run: Any) -> None:
+    def __init__(self, run: Any, sections: tuple[str, ...] | None = None) -> None:
         super().__init__()
         self.run = run
+        self.sections = None if sections is None else frozenset(sections)
+        self._section_of: dict[str, str | None] = {}
         self._alerted = False
         try:
             run.define_metric(STEP_KEY)
@@ -232,11 +234,22 @@ class WandbSink(_FailOnce):
             return None
         return wandb.run
 
+    def _wanted(self, name: str) -> bool:
+        """Whether a scalar goes to W&B: rlmonitor's keys only in the chosen sections
+        (per-kind and per-layer detail are opt-in: one panel each), anything else as is."""
+        if self.sections is None:
+            return True
+        if name not in self._section_of:
+            key = keys.lookup(name)
+            self._section_of[name] = None if key is None else key.section
+        section = self._section_of[name]
+        return section is None or section in self.sections
+
     def write(self, item: LogItem) -> None:
         try:
             import wandb
 
-            payload: dict[str, Any] = dict(item.scalars)
+            payload: dict[str, Any] = {k: v for k, v in item.scalars.items() if self._wanted(k)}
             for name, image in item.images.items():
                 payload[name] = wandb.Image(str(image) if isinstance(image, (str, Path)) else image)
             for name, s in item.series.items():

@@ -363,7 +363,7 @@ def test_local_run_executes_the_program_and_continues_past_a_failure(tmp_path, t
 
 
 def test_report_flags_unflagged_runs_far_from_base(tmp_path):
-    from rlmonitor.apps.sweep.spec import RunResult, collapse_overview, plot_results, unflagged_drift
+    from rlmonitor.apps.sweep import RunResult, collapse_overview, plot_results, unflagged_drift
 
     spec = load_sweep(write(tmp_path, MINI), cwd=REPO)
     configs = expand(spec)[:4]

@@ -15,7 +15,7 @@ import sys
 _COMMANDS: dict[str, str] = {
     "compare": "rlmonitor.apps.compare",
     "demo": "rlmonitor.apps.demo.run",
-    "sweep": "rlmonitor.apps.sweep.spec",
+    "sweep": "rlmonitor.apps.sweep.cli",
 }
 
 

@@ -101,6 +101,49 @@ def test_shipped_yaml_commands_parse_into_train_arguments(capsys, monkeypatch, t
         assert Path(args.output_dir).parent == tmp_path
 
 
+QWEN = REPO / "sweeps" / "pissa_vs_lora_qwen.yaml"
+QWEN_MULTIGPU = REPO / "sweeps" / "pissa_vs_lora_qwen_multigpu.yaml"
+
+
+@pytest.mark.parametrize(
+    ("path", "launcher", "model", "gpus"),
+    [
+        (QWEN, ["/usr/bin/env", sys.executable], "Qwen/Qwen2.5-0.5B-Instruct", 1),
+        (QWEN_MULTIGPU, ["/usr/bin/env", "accelerate", "launch", "--num_processes=8"], "Qwen/Qwen2.5-1.5B-Instruct", 8),
+    ],
+)  # fmt: skip
+def test_qwen_gsm8k_sweeps_plan_the_paper_grid(capsys, monkeypatch, tmp_path, path, launcher, model, gpus):
+    """The real-hardware sweeps: the dry run plans adapter x rank {8, 32, 64} x lr {1e-5,
+    5e-5, 1e-4} on GSM8K with vLLM on CUDA, and every command parses into TrainArguments
+    (so every rank of a multi-GPU launch gets the same arguments)."""
+    from transformers import HfArgumentParser
+
+    monkeypatch.chdir(REPO)
+    spec = load_sweep(path, cwd=REPO)
+    assert spec.method == "grid" and not spec.notes and spec.program == "sweeps/train.py"
+    assert spec.parameters["lora_rank"].values == (8, 32, 64)
+    assert spec.parameters["learning_rate"].values == (1.0e-5, 5.0e-5, 1.0e-4)
+    assert spec.parameters["adapter"].values == ("lora", "pissa")
+    rc, commands = dry_run(capsys, str(path), "--dry-run", "--out", str(tmp_path))
+    assert rc == 0 and len(commands) == 2 * 3 * 3
+    parser = HfArgumentParser(TrainArguments)
+    seen = set()
+    for cmd in commands:
+        assert cmd[: len(launcher) + 1] == [*launcher, "sweeps/train.py"]
+        (args,) = parser.parse_args_into_dataclasses(args=cmd[len(launcher) + 1 :])
+        assert (args.model_name_or_path, args.dataset, args.dataset_config) == (model, "openai/gsm8k", "main")
+        assert args.use_vllm is True and args.device == "cuda" and args.report_to == "wandb"
+        assert args.stop_on_collapse is (gpus == 1)  # a rank-0-only stop would strand the other ranks
+        assert args.per_device_train_batch_size * gpus % args.num_generations == 0
+        assert args.max_steps * args.per_device_train_batch_size * gpus // args.num_generations <= args.num_train_samples
+        assert Path(args.output_dir).parent == tmp_path
+        seen.add((args.adapter, args.lora_rank, args.learning_rate))
+    assert len(seen) == 18
+    # plain PyYAML (what `wandb sweep` reads) sees floats, not YAML 1.1 strings
+    raw = yaml.safe_load(path.read_text())
+    assert all(type(v) is float for v in raw["parameters"]["learning_rate"]["values"])
+
+
 # ------------------------------------------------------------------------------- errors
 
 
@@ -363,7 +406,7 @@ def test_local_run_executes_the_program_and_continues_past_a_failure(tmp_path, t
 
 
 def test_report_flags_unflagged_runs_far_from_base(tmp_path):
-    from rlmonitor.apps.sweep.spec import RunResult, collapse_overview, plot_results, unflagged_drift
+    from rlmonitor.apps.sweep import RunResult, collapse_overview, plot_results, unflagged_drift
 
     spec = load_sweep(write(tmp_path, MINI), cwd=REPO)
     configs = expand(spec)[:4]

@@ -219,6 +219,7 @@ def build_trainer(args: TrainArguments, callbacks: list | None = None):
 def summarize(output_dir: str | Path, log_history: list[dict] | None = None) -> dict[str, Any]:
     """What a sweep compares, read back from ``<output_dir>/rlmonitor`` and the
     trainer's ``log_history`` (final reward: mean of the last 5 logged rewards)."""
+    from rlmonitor.core import keys
     from rlmonitor.core.sinks import read_jsonl
 
     folder = Path(output_dir) / "rlmonitor"
@@ -231,16 +232,16 @@ def summarize(output_dir: str | Path, log_history: list[dict] | None = None) -> 
         return vals[-1] if vals else None
 
     rewards = [h["reward"] for h in (log_history or []) if isinstance(h.get("reward"), (int, float))]
-    angles = [r["geometry/principal_angle_max_deg"] for r in rows if r.get("geometry/principal_angle_max_deg") is not None]
+    angles = [r[keys.ANGLE_MAX] for r in rows if r.get(keys.ANGLE_MAX) is not None]
     return {
-        "collapse_step": summary.get("collapse_step", -1),
-        "collapse_reason": summary.get("collapse_reason", ""),
+        "collapse_step": summary.get(keys.SUMMARY_COLLAPSE_STEP, -1),
+        "collapse_reason": summary.get(keys.SUMMARY_COLLAPSE_REASON, ""),
         "initial_reward": (sum(rewards[:5]) / len(rewards[:5])) if rewards else None,
         "final_reward": (sum(rewards[-5:]) / len(rewards[-5:])) if rewards else None,
         "mean_reward": (sum(rewards) / len(rewards)) if rewards else None,
         "max_principal_angle_deg": max(angles) if angles else None,
-        "final_kl_base_forward": last("kl/base_forward"),
-        "final_update_sparsity": last("geometry/update_sparsity"),
+        "final_kl_base_forward": last(keys.KL_FORWARD),
+        "final_update_sparsity": last(keys.UPDATE_SPARSITY),
     }
 
 

@@ -236,6 +236,14 @@ def test_peft_checkpoint_against_the_saved_base(full_run, tmp_path):
     assert all(t["n_changed"] == ref_t[t["name"]]["n_changed"] for t in run["tensors"])
     assert sum(t["n_changed"] for t in run["tensors"]) > 0
     assert run["spectral"]["matrices"] == ref["spectral"]["matrices"]
+    # a final adapter saved in OUTPUT_DIR itself (trainer.save_model()), no checkpoint: it is the RUN
+    final_out = tmp_path / "lora-final"
+    shutil.copytree(out / "rlmonitor", final_out / "rlmonitor")
+    for f in ck.iterdir():
+        shutil.copy(f, final_out / f.name)
+    final = compare_output_dir(str(final_out), sparsity_only=True).report["runs"][0]
+    assert final["path"] == str(final_out) and final["name"] == "lora-final" and final["format"] == "peft-adapter"
+    assert final["tensors"] == run["tensors"]
     # --adapter-base takes the output folder too
     again = compare(str(out / "rlmonitor" / "base"), [str(ck)], adapter_base=str(out), k=8).report["runs"][0]
     assert again["tensors"] == run["tensors"] and again["spectral"] == run["spectral"]

@@ -13,7 +13,7 @@ import sys
 
 # sub-command name -> module that implements it
 _COMMANDS: dict[str, str] = {
-    "compare": "rlmonitor.apps.compare",
+    "compare": "rlmonitor.apps.compare.cli",
     "demo": "rlmonitor.apps.demo.run",
     "sweep": "rlmonitor.apps.sweep.cli",
 }

@@ -619,7 +619,7 @@ def _dir(p: Path) -> Path:
 
 def test_compare_bitwise_bound_is_the_metric_cores():
     # compare keeps its own copy (rlmonitor.metrics imports torch, the bits path must not)
-    import rlmonitor.apps.compare.analysis as compare_module
+    import rlmonitor.apps.compare.common as compare_module
     from rlmonitor.metrics import masks
 
-    assert compare_module._BITWISE_ETA_LIMIT == masks.BITWISE_ETA_LIMIT
+    assert compare_module.BITWISE_ETA_LIMIT == masks.BITWISE_ETA_LIMIT

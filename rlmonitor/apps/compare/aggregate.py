@@ -40,6 +40,7 @@ class Totals:
         self.base_dtypes: dict[str, int] = {}
         self.tensors: list[list[dict]] = [[] for _ in range(R)]
         self.bf16_cast = [False] * R
+        self.records: list[list[dict]] = [[] for _ in range(R)]  # the engine's per-matrix records
         self.spec_rows: list[list[dict]] = [[] for _ in range(R)]
         self.ov_rows: list[list[dict]] = [[] for _ in range(R)]
         self.ov_acc: list[dict] = [{} for _ in range(R)]  # kind -> [n_changed, inter_p, inter_l, inter_pnl]
@@ -78,6 +79,8 @@ class Totals:
             "dtype": ri.dtype_name if ri.dtype == info0.dtype else f"{info0.dtype_name}->{ri.dtype_name}",
             "n_params": numel, "n_changed": ch, "update_sparsity": sparsity(numel, ch),
         })  # fmt: skip
+        if out["record"][i] is not None:
+            self.records[i].append(out["record"][i])
         if out["spectral"][i] is not None:
             self.spec_rows[i].append(out["spectral"][i])
             row, inters = out["overlap"][i]
@@ -160,6 +163,12 @@ def _run_report(i: int, inp: Inputs, opts: Options, plan: Plan, t: Totals, kinds
         "spectral": None,
         "overlap": None,
     }  # fmt: skip
+    if t.records[i]:
+        from rlmonitor.core.aggregate import aggregate
+
+        # the live callback's keys over the same monitored matrices, by the same code
+        entry["scalars"], entry["info"] = aggregate(opts.geometry, t.records[i])
+        entry["matrices"] = t.records[i]
     if not opts.sparsity_only and t.spec_rows[i]:
         entry["spectral"] = _spectral_summary(t.spec_rows[i], opts.k, opts.full_spectrum, kinds_all)
         entry["overlap"] = _overlap_summary(t.ov_rows[i], t.ov_acc[i], t.ov_dens, opts.alpha, opts.low_alpha,
@@ -183,6 +192,8 @@ def assemble_report(inp: Inputs, opts: Options, plan: Plan, t: Totals) -> dict:
             "layers": sorted(plan.spectral_layers) if plan.spectral_layers is not None else None,
             "focus_layers": sorted(plan.focus),
             "drift_metric": "spectral_drift" if opts.full_spectrum else "spectral_drift_topk",
+            "include": list(opts.geometry.include), "exclude": list(opts.geometry.exclude),
+            "min_rel_gap": opts.geometry.min_rel_gap, "monitored": len(plan.monitored),
         },
         "runs": [_run_report(i, inp, opts, plan, t, kinds_all) for i in range(len(inp.run_cks))],
     }  # fmt: skip
@@ -199,9 +210,11 @@ def assemble_report(inp: Inputs, opts: Options, plan: Plan, t: Totals) -> dict:
 def _spectral_summary(rows: list[dict], k: int, full: bool, kinds_all: list[str]) -> dict:
     def agg(rs):
         drifts = [r["drift"] for r in rs if r["drift"] is not None]
+        lefts = [r["max_angle_left_deg"] for r in rs if r["max_angle_left_deg"] is not None]
+        rights = [r["max_angle_right_deg"] for r in rs if r["max_angle_right_deg"] is not None]
         return {
-            "max_angle_left_deg": max(r["max_angle_left_deg"] for r in rs),
-            "max_angle_right_deg": max(r["max_angle_right_deg"] for r in rs),
+            "max_angle_left_deg": max(lefts) if lefts else None,
+            "max_angle_right_deg": max(rights) if rights else None,
             "drift_mean": sum(drifts) / len(drifts) if drifts else None,
             "drift_max": max(drifts) if drifts else None,
         }

@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rlmonitor.checkpoints.errors import CompareError
 from rlmonitor.checkpoints.training import DEFAULT_SUBDIR
@@ -48,6 +49,7 @@ class Options:
     sparsity_only: bool
     threads: int | None
     chunk_elems: int
+    geometry: Any  # the engine's GeometryConfig (k, alphas, eta, include/exclude), as the live callback's
 
 
 @dataclass
@@ -75,6 +77,7 @@ class Plan:
     spectral_layers: set[int] | None
     jobs: list[Job]
     bits_path: bool
+    monitored: list[str]  # tensors measured by the engine
 
 
 # ---------------------------------------------------------------------------
@@ -82,7 +85,7 @@ class Plan:
 
 
 def _check_options(runs: list[str], names: list[str] | None, k, alpha, low_alpha, eta, threads,
-                   full_spectrum: bool, sparsity_only: bool, chunk_elems: int) -> Options:  # fmt: skip
+                   full_spectrum: bool, sparsity_only: bool, chunk_elems: int, include, exclude) -> Options:  # fmt: skip
     if not runs:
         raise CompareError("give at least one RUN to compare against BASE")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -97,7 +100,16 @@ def _check_options(runs: list[str], names: list[str] | None, k, alpha, low_alpha
         raise CompareError(f"--threads must be a positive integer, got {threads!r}")
     if names is not None and len(names) != len(runs):
         raise CompareError(f"--names: got {len(names)} names for {len(runs)} runs")
-    return Options(k, alpha, low_alpha, eta, full_spectrum, sparsity_only, threads, chunk_elems)
+    from rlmonitor.core.config import GeometryConfig
+
+    over = {"include": include} if include is not None else {}
+    if exclude is not None:
+        over["exclude"] = exclude
+    try:
+        geometry = GeometryConfig(k=k, principal_alpha=alpha, low_alpha=low_alpha, eta=eta, **over)
+    except ValueError as err:
+        raise CompareError(str(err).replace("GeometryConfig.", "--")) from None
+    return Options(k, alpha, low_alpha, eta, full_spectrum, sparsity_only, threads, chunk_elems, geometry)
 
 
 def _open_inputs(base: str, runs: list[str], names: list[str] | None, adapter_base: str | None,
@@ -201,7 +213,30 @@ def _layers(block_layers: list[int], layers: list[int] | None, focus_layers: lis
     return set(focus_layers), spectral_layers
 
 
-def _jobs(inp: Inputs, opts: Options, keys, maps, infos, classes, focus, spectral_layers) -> list[Job]:
+def _monitored(inp: Inputs, opts: Options, keys, infos) -> tuple[set[str], str | None]:
+    """The tensors the live callback would monitor: 2-D weights whose canonical matrix
+    name matches ``include`` and not ``exclude`` (all 2-D weights of rlmonitor's saved
+    base, which holds exactly the monitored ones). Where the patterns match nothing,
+    every 2-D weight of a numbered block, with a note."""
+    import re
+
+    two_d = [kk for kk in keys if kk.endswith(".weight") and len(infos[kk].shape) == 2 and min(infos[kk].shape) > 1]
+    if inp.base_ck.partial:
+        return set(two_d), None
+    inc = [re.compile(p) for p in opts.geometry.include]
+    exc = [re.compile(p) for p in opts.geometry.exclude]
+    names = {kk: kk[: -len(".weight")] for kk in two_d}
+    chosen = {kk for kk, n in names.items() if any(p.search(n) for p in inc) and not any(p.search(n) for p in exc)}
+    if chosen:
+        return chosen, None
+    fallback = {kk for kk in two_d if classify(kk)[0] is not None}
+    note = (f"--include {list(opts.geometry.include)} matched no 2-D weight; measuring every 2-D weight of a "
+            f"numbered block instead ({len(fallback)}); pass --include to choose") if fallback else None  # fmt: skip
+    return fallback, note
+
+
+def _jobs(inp: Inputs, opts: Options, keys, maps, infos, classes, focus, spectral_layers,
+          monitored: set[str]) -> list[Job]:  # fmt: skip
     """One job per tensor: which metrics it gets, and its row blocks when only counted."""
     jobs = []
     for kk in keys:
@@ -209,7 +244,7 @@ def _jobs(inp: Inputs, opts: Options, keys, maps, infos, classes, focus, spectra
         layer, kind = classes[kk]
         shp = info0.shape
         block = layer is not None and len(shp) == 2 and min(shp) > 1 and kk.endswith(".weight")
-        matrix_metrics = block and not opts.sparsity_only and (spectral_layers is None or layer in spectral_layers)
+        matrix_metrics = kk in monitored and not opts.sparsity_only and (spectral_layers is None or layer in spectral_layers)
         in_focus = block and layer in focus
         spans: list[tuple[int | None, int | None]] = [(None, None)]
         if not (matrix_metrics or in_focus) and len(shp) > 0:
@@ -236,14 +271,18 @@ def _plan(inp: Inputs, opts: Options, layers: list[int] | None, focus_layers: li
     classes = {kk: classify(kk) for kk in keys}
     focus, spectral_layers = _layers(sorted({lay for lay, _ in classes.values() if lay is not None}),
                                      layers, focus_layers)  # fmt: skip
-    jobs = _jobs(inp, opts, keys, maps, infos, classes, focus, spectral_layers)
+    monitored, note = _monitored(inp, opts, keys, infos)
+    if note:
+        inp.base_ck.notes.append(note)
+    jobs = _jobs(inp, opts, keys, maps, infos, classes, focus, spectral_layers, monitored)
     # bf16 sparsity of one RUN is a bit-pattern count: numpy on the mapped files, no torch import
     bits_path = (
         opts.sparsity_only and len(inp.run_cks) == 1 and opts.eta < BITWISE_ETA_LIMIT
         and all(isinstance(ck, SafetensorsCheckpoint) for ck in (inp.base_ck, *inp.run_cks))
         and all(j.info0.dtype == "BF16" and j.rinfos[0].dtype == "BF16" for j in jobs)
     )  # fmt: skip
-    return Plan(keys, maps, left_out, infos, skipped, classes, focus, spectral_layers, jobs, bits_path)
+    return Plan(keys, maps, left_out, infos, skipped, classes, focus, spectral_layers, jobs, bits_path,
+                sorted(monitored))  # fmt: skip
 
 
 def _stream(inp: Inputs, opts: Options, plan: Plan, result: CompareResult, progress: bool) -> Totals:
@@ -251,7 +290,7 @@ def _stream(inp: Inputs, opts: Options, plan: Plan, result: CompareResult, progr
     R = len(inp.run_cks)
     pairs = [(i, j) for i in range(R) for j in range(i + 1, R)]
     ctx = Ctx(inp.base_ck, inp.run_cks, opts.eta, opts.k, opts.alpha, opts.low_alpha, opts.full_spectrum, R,
-              pairs, f"BASE {inp.base}", [f"RUN {r}" for r in inp.runs])  # fmt: skip
+              pairs, f"BASE {inp.base}", [f"RUN {r}" for r in inp.runs], opts.geometry)  # fmt: skip
     process = process_tensor_bits if plan.bits_path else process_tensor
     totals = Totals(R, pairs)
     bar = None
@@ -307,6 +346,8 @@ def compare(
     chunk_elems: int = CHUNK_ELEMS,
     threads: int | None = None,
     subdir: str = DEFAULT_SUBDIR,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
 ) -> CompareResult:
     """Compare ``runs`` against ``base``; see the package docstring for what is reported.
 
@@ -336,9 +377,14 @@ def compare(
             and intra-op OpenMP threads spin badly on a loaded machine. Peak
             memory grows with ``threads`` (one tensor block per thread).
         subdir: the callback's ``output_subdir`` where a saved base is looked for.
+        include, exclude: regexes choosing the monitored matrices by canonical name, as
+            :class:`~rlmonitor.core.config.GeometryConfig`'s (default: the same defaults).
+            The engine measures these matrices exactly as the live callback does and
+            their aggregates are reported per run under ``scalars`` with the live keys.
     """
     t_start = time.perf_counter()
-    opts = _check_options(runs, names, k, alpha, low_alpha, eta, threads, full_spectrum, sparsity_only, chunk_elems)
+    opts = _check_options(runs, names, k, alpha, low_alpha, eta, threads, full_spectrum, sparsity_only, chunk_elems,
+                          include, exclude)  # fmt: skip
     inp = _open_inputs(base, runs, names, adapter_base, subdir)
     plan = _plan(inp, opts, layers, focus_layers)
     result = CompareResult(report={})

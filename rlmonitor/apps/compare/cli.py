@@ -71,6 +71,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="display names of the runs (default: their folder/checkpoint names)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="tensors processed in parallel, each op single-threaded (default: min(4, CPUs))")  # fmt: skip
+    p.add_argument("--include", nargs="+", metavar="REGEX", default=None,
+                   help="monitored matrices (re.search on canonical names such as layers.3.self_attn.q_proj), "
+                        "as GeometryConfig.include; default: the attention and MLP projections")  # fmt: skip
+    p.add_argument("--exclude", nargs="+", metavar="REGEX", default=None, help="monitored matrices to leave out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--quiet", action="store_true", help="no terminal table")
     p.set_defaults(func=run_cli)
@@ -92,7 +96,7 @@ def _analyse(args: argparse.Namespace) -> CompareResult:
         names=args.names, k=args.k, alpha=args.alpha, low_alpha=args.low_alpha, eta=args.eta,
         full_spectrum=args.full_spectrum, sparsity_only=args.sparsity_only, layers=parse_layers(args.layers),
         adapter_base=args.adapter_base, progress=not args.no_progress and sys.stderr.isatty(),
-        threads=args.threads, subdir=_check_subdir(args.subdir),
+        threads=args.threads, subdir=_check_subdir(args.subdir), include=args.include, exclude=args.exclude,
     )  # fmt: skip
     if not args.runs:
         return compare_output_dir(args.base, **kwargs)

@@ -3,8 +3,9 @@ by :func:`process_tensor` (torch, every metric) or :func:`process_tensor_bits`
 (numpy on bf16 bit patterns, ``--sparsity-only`` with one RUN).
 
 A job's result holds counts and small arrays only, never weights; the streaming
-loop in :mod:`.analysis` adds them up. The spectral/overlap part of a matrix
-(:func:`_spectral`, :func:`_overlap`) is what a shared engine may later compute.
+loop in :mod:`.analysis` adds them up. Monitored matrices are measured by the same
+engine as the live callback (:func:`rlmonitor.core.engine.prepare_base` and
+:func:`~rlmonitor.core.engine.measure_matrix`), so both report the same numbers.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class Job:
     kind: str
     info0: Any
     rinfos: list
-    matrix_metrics: bool
+    matrix_metrics: bool  # a monitored matrix: the engine measures it
     in_focus: bool
     spans: list[tuple[int | None, int | None]]
 
@@ -46,6 +47,7 @@ class Ctx:
     pairs: list[tuple[int, int]]
     base_label: str
     run_labels: list[str]
+    geometry: Any = None  # the engine's GeometryConfig
 
     @property
     def M(self):  # the metrics module, imported on first use
@@ -64,7 +66,7 @@ def _empty_out(R: int, pairs, same: list[bool]) -> dict[str, Any]:
     return {
         "changed": [0] * R, "stored_diff": [0 if s else None for s in same], "pairs": {p: [0, 0] for p in pairs},
         "spectral": [None] * R, "overlap": [None] * R, "curve": [None] * R, "row_col": [None] * R,
-        "dens": None, "consensus": None,
+        "record": [None] * R, "dens": None, "consensus": None,
     }  # fmt: skip
 
 
@@ -100,15 +102,15 @@ def process_tensor(job: Job, c: Ctx) -> dict:
     Holds BASE's block, one RUN block at a time, and the RUNs' masks of the block
     (needed for Jaccard / consensus). Returns counts and small arrays only.
     """
-    M, torch, R = c.M, c.torch, c.R
-    kk, layer, kind = job.key, job.layer, job.kind
+    M, R = c.M, c.R
+    kk = job.key
     # bf16 storage and a bitwise-equivalent eta: the mask is the stored-value comparison itself
     bitwise_bf16 = job.info0.dtype == "BF16" and c.eta < BITWISE_ETA_LIMIT
     same = [ri.dtype == job.info0.dtype for ri in job.rinfos]
     out = _empty_out(R, c.pairs, same)
     for start, stop in job.spans:
         w0 = c.base.read(job.bkey, start, stop)
-        k_eff, f0, masks0, grid = _base_matrix(job, c, w0, out) if job.matrix_metrics else (0, None, None, None)
+        spec, base, grid = _base_matrix(job, c, w0, out) if job.matrix_metrics else (None, None, None)
         masks, counts = [], []
         for i, rc in enumerate(c.runs):
             where = f"tensor {kk} ({c.base_label} vs {c.run_labels[i]})"
@@ -132,8 +134,7 @@ def process_tensor(job: Job, c: Ctx) -> dict:
                 masks.append(mask)
                 counts.append(nc)
             if job.matrix_metrics:
-                out["spectral"][i] = _spectral(M, torch, w0, w1, f0, k_eff, c.full_spectrum, kk, layer, kind, where)
-                out["overlap"][i] = _overlap(M, mask, nc, masks0, kk, layer, kind)
+                out["record"][i], out["spectral"][i], out["overlap"][i] = _measure(c, spec, base, w0, w1, where)
                 if grid is not None:
                     out["curve"][i] = {
                         a: (nc, M.count_true(gp & mask), M.count_true(gl & mask))
@@ -153,25 +154,75 @@ def process_tensor(job: Job, c: Ctx) -> dict:
     return out
 
 
+class _Strict:
+    """The engine's failure handler for compare: bad input is an error, not a count."""
+
+    errors = 0
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def __call__(self, metric: str, name: str, fn):
+        try:
+            return fn()
+        except ValueError as err:
+            raise CompareError(f"{self.where}: {err}") from err
+
+    def fail(self, metric: str, name: str, e) -> None:
+        raise CompareError(f"{self.where}: {metric}: {e}")
+
+
 def _base_matrix(job: Job, c: Ctx, w0, out: dict):
-    """BASE's side of the per-matrix metrics: ``(k, top-k factors, (principal,
-    low-magnitude, principal-not-low) masks, alpha grid of masks or None)``; records the
+    """BASE's side of a monitored matrix: ``(spec, engine base state, alpha grid of
+    (alpha, principal, low-magnitude) masks on focus layers or None)``; records the
     masks' densities in ``out["dens"]``."""
-    M = c.M
-    k_eff = min(c.k, *w0.shape)
-    try:
-        lm = M.low_magnitude_mask(w0, c.low_alpha)  # also checks that W0 is finite
-        f0 = M.top_k_svd(w0, k_eff)
-        pm = M.principal_mask(f0, k_eff, c.alpha)
-    except ValueError as err:
-        raise CompareError(f"tensor {job.key} of {c.base_label}: {err}") from err
-    pnl = pm & ~lm
-    masks0 = (pm, lm, pnl)
+    from dataclasses import replace
+
+    from rlmonitor.core import spectral
+    from rlmonitor.core.engine import prepare_base
+    from rlmonitor.core.naming import MatrixSpec
+
+    M, cfg = c.M, c.geometry
+    spec = MatrixSpec.from_name(job.key, tuple(w0.shape))
+    base = prepare_base(cfg, spec, w0, _Strict(f"tensor {job.key} of {c.base_label}"))
+    masks0 = (base.principal, base.low, base.principal_not_low)
     out["dens"] = (w0.numel(), *(M.count_true(m) for m in masks0))
     grid = None
     if job.in_focus:
-        grid = [(a, M.principal_mask(f0, k_eff, a), M.low_magnitude_mask(w0, a)) for a in ALPHA_GRID]
-    return k_eff, f0, masks0, grid
+        grid = [(a, spectral.principal(replace(cfg, principal_alpha=a), base.spectrum, tuple(w0.shape)),
+                 M.low_magnitude_mask(w0, a)) for a in ALPHA_GRID]  # fmt: skip
+    return spec, base, grid
+
+
+def _measure(c: Ctx, spec, base, w0, w1, where: str) -> tuple[dict, dict, tuple[dict, tuple[int, int, int]]]:
+    """The engine's record of one monitored matrix, and the report's spectral and overlap rows from it."""
+    from rlmonitor.core.engine import measure_matrix
+
+    m = measure_matrix(c.geometry, spec, base, w1, _Strict(where))
+    rec = m.record
+    drift = rec.get("spectral_drift_topk")
+    if c.full_spectrum:
+        try:
+            drift = c.M.spectral_drift(w0, w1)
+        except ValueError:
+            drift = None  # W0 == 0: drift undefined
+    k = min(c.geometry.k, *spec.shape)
+    curves = m.angle_curves or {"left": [0.0] * k, "right": [0.0] * k}
+    spec_row = {
+        "name": spec.name, "layer": spec.layer, "kind": spec.kind, "k": len(curves["left"]),
+        "max_angle_left_deg": rec.get("angle_left_max_deg"), "max_angle_right_deg": rec.get("angle_right_max_deg"),
+        "angles_left_deg": curves["left"], "angles_right_deg": curves["right"], "drift": drift,
+        **{f: rec.get(f) for f in ("angle_left_bound_deg", "angle_right_bound_deg", "spectral_drift_topk_bound",
+                                   "rel_gap", "ill_conditioned", "spectral_method")},
+    }  # fmt: skip
+    nc = rec.get("changed", 0)
+    ov = {"name": spec.name, "layer": spec.layer, "kind": spec.kind, "n_changed": nc}
+    inters = []
+    for key, field in (("principal", "principal"), ("low_magnitude", "low"), ("principal_not_low", "principal_not_low")):
+        count = rec.get(f"overlap_{field}_count", 0)
+        ov[key] = count / nc if nc else None
+        inters.append(count)
+    return rec, spec_row, (ov, tuple(inters))
 
 
 def _consensus(job: Job, c: Ctx, masks: list) -> tuple[dict, Any]:
@@ -185,34 +236,6 @@ def _consensus(job: Job, c: Ctx, masks: list) -> tuple[dict, Any]:
         "histogram": [float(h) for h in hist], "all_of_any": float(hist[R]) / anyc if anyc > 0 else None,
     }  # fmt: skip
     return row, _pool(C)
-
-
-def _spectral(M, torch, w0, w1, f0, k, full, name, layer, kind, where) -> dict:
-    try:
-        # Cold start for W1: a warm start from W0's factors would bias W1's subspace towards W0's
-        # (the angles we measure); identical matrices share their factors.
-        f1 = f0 if torch.equal(w0, w1) else M.top_k_svd(w1, k)
-        left = M.degrees(M.principal_angles(f0, f1, k, "left"))
-        right = M.degrees(M.principal_angles(f0, f1, k, "right"))
-        try:
-            drift = M.spectral_drift(w0, w1) if full else M.spectral_drift(f0, f1, k)
-        except ValueError:
-            drift = None  # W0 == 0: drift undefined
-    except ValueError as err:
-        raise CompareError(f"{where}: {err}") from err
-    return {
-        "name": name, "layer": layer, "kind": kind, "k": k,
-        "max_angle_left_deg": float(left[-1]), "max_angle_right_deg": float(right[-1]),
-        "angles_left_deg": [float(x) for x in left], "angles_right_deg": [float(x) for x in right],
-        "drift": drift,
-    }  # fmt: skip
-
-
-def _overlap(M, mask, nc, masks0, name, layer, kind) -> tuple[dict, tuple[int, int, int]]:
-    row = {"name": name, "layer": layer, "kind": kind, "n_changed": nc}
-    for key, mx in zip(("principal", "low_magnitude", "principal_not_low"), masks0, strict=True):
-        row[key] = M.mask_overlap(mx, mask) if nc else None
-    return row, tuple(M.count_true(mx & mask) for mx in masks0)
 
 
 def _pool(c, max_side: int = HEATMAP_MAX):

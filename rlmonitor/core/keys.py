@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-__all__ = ["KEYS", "MATRIX_FIELDS", "SECTIONS", "Key", "lookup", "markdown_table"]
+__all__ = ["KEYS", "MATRIX_FIELDS", "SECTIONS", "Key", "fields_table", "lookup", "markdown_table", "render_docs"]
 
 Section = Literal["headline", "kind", "layer", "kl", "collapse", "plots", "system", "summary"]
 #: W&B workspace sections, top-down.
@@ -283,5 +283,38 @@ def markdown_table(sections: tuple[str, ...] = SECTIONS) -> str:
     return "\n".join(rows)
 
 
+def fields_table() -> str:
+    """The per-matrix record fields as a markdown table."""
+    rows = ["| field | meaning |", "|---|---|"]
+    rows += [f"| `{name}` | {text.replace('|', chr(92) + '|')} |" for name, text in MATRIX_FIELDS.items()]
+    return "\n".join(rows)
+
+
+#: the generated blocks of the docs: marker name -> content
+_BLOCKS = {
+    "keys": lambda: markdown_table(tuple(s for s in SECTIONS if s != "summary")),
+    "summary-keys": lambda: markdown_table(("summary",)),
+    "fields": fields_table,
+}
+
+
+def render_docs(text: str) -> str:
+    """``text`` with every ``<!-- NAME:begin -->...<!-- NAME:end -->`` block regenerated."""
+    for name, make in _BLOCKS.items():
+        begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+        if begin in text:
+            head, rest = text.split(begin, 1)
+            _, tail = rest.split(end, 1)
+            text = f"{head}{begin}\n{make()}\n{end}{tail}"
+    return text
+
+
 if __name__ == "__main__":
-    print(markdown_table())
+    import sys
+    from pathlib import Path
+
+    if sys.argv[1:2] == ["--update"]:  # python -m rlmonitor.core.keys --update README.md docs/metrics.md
+        for path in map(Path, sys.argv[2:]):
+            path.write_text(render_docs(path.read_text()))
+    else:
+        print(markdown_table())

@@ -218,8 +218,8 @@ class WandbSink(_FailOnce):
         self._alerted = False
         try:
             run.define_metric(STEP_KEY)
-            for prefix in ("geometry/*", "kl/*", "collapse/*"):
-                run.define_metric(prefix, step_metric=STEP_KEY)
+            for prefix in sorted({str(k).split("/", 1)[0] for k in keys.KEYS.values() if "/" in k}):
+                run.define_metric(f"{prefix}/*", step_metric=STEP_KEY)
             for key in keys.KEYS.values():
                 if not key.placeholders and key.media == "scalar" and key.summary in ("max", "min"):
                     run.define_metric(str(key), step_metric=STEP_KEY, summary=key.summary)

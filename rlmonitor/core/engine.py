@@ -274,7 +274,7 @@ class GeometryAnalyzer:
         return total + sum(t.numel() * t.element_size() for t in self._prev.values())
 
     def analyze(self, step: int, weights: Mapping[str, torch.Tensor], partial: bool = False) -> GeometryRecord:
-        """Measure a snapshot against the base.
+        """Measure a snapshot against the base (:meth:`measure`) and aggregate it (:meth:`combine`).
 
         ``partial=False``: ``weights`` must hold every monitored matrix (a missing one
         counts as an error). ``partial=True`` (rotating layer subsets): only the given
@@ -282,12 +282,20 @@ class GeometryAnalyzer:
         measurement, and ``geometry/rotation_staleness_steps`` says how old the oldest
         one is. "Previous" then means the previous time that matrix was measured.
         """
-        if not self.base:
-            raise RuntimeError("GeometryAnalyzer.analyze called before set_base")
         t0 = time.perf_counter()
+        rec = self.combine(self.measure(step, weights, partial), partial)
+        rec.scalars[keys.METRIC_SECONDS] = time.perf_counter() - t0
+        return rec
+
+    def measure(self, step: int, weights: Mapping[str, torch.Tensor], partial: bool = False) -> GeometryRecord:
+        """Per-matrix records (and profiles, angle curves) of the matrices this analyzer
+        holds a base for; no aggregation. In a sharded run each rank measures its own
+        matrices and rank 0 combines everyone's."""
+        if not self.base:
+            raise RuntimeError("GeometryAnalyzer.measure called before set_base")
         rec = GeometryRecord(step=step)
-        for name, spec in self.specs.items():
-            w1 = weights.get(name)
+        for name in self.base:
+            spec, w1 = self.specs[name], weights.get(name)
             if w1 is None:
                 if not partial:
                     self.guard.fail("snapshot", name, "missing from the snapshot")
@@ -301,15 +309,21 @@ class GeometryAnalyzer:
             if m.angle_curves is not None:
                 rec.angle_curves[name] = m.angle_curves
             m.record["step"] = step
-            self._latest[name] = m.record
             rec.matrices.append(m.record)
         if self.config.compare_previous:
             if not partial:
                 self._prev = {}
-            self._prev.update((n, w) for n, w in weights.items() if n in self.specs)
+            self._prev.update((n, w) for n, w in weights.items() if n in self.base)
+        return rec
+
+    def combine(self, measured: GeometryRecord, partial: bool = False) -> GeometryRecord:
+        """Aggregate measured records (one rank's, or every rank's merged) into the
+        logged scalars; with rotating subsets, over each matrix's latest measurement."""
+        for m in measured.matrices:
+            self._latest[m["name"]] = m
+        rec = measured
         rec.scalars, rec.info = aggregate(self.config, list(self._latest.values()) if partial else rec.matrices)
         if partial and self._latest:
-            rec.scalars[keys.ROTATION_STALENESS] = float(step - min(d["step"] for d in self._latest.values()))
+            rec.scalars[keys.ROTATION_STALENESS] = float(rec.step - min(d["step"] for d in self._latest.values()))
         rec.scalars[keys.ERRORS] = float(self.errors)
-        rec.scalars[keys.METRIC_SECONDS] = time.perf_counter() - t0
         return rec

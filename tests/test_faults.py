@@ -24,6 +24,7 @@ from fault_kit import (
     KL,
     PROBE,
     QKVO,
+    assert_one_history,
     bf16_sparsity,
     monitored_weights,
     one_queued_budget_gb,
@@ -200,22 +201,24 @@ def test_slow_base_save_keeps_the_kl_probe_with_the_base(tiny_model_path, tmp_pa
     """The KL probe's base policy lives beside the base weights; a slow disk under the
     worker's base save must not set it aside, and a resume must not rebuild it from
     resumed weights."""
-    import rlmonitor.core.basestore as basestore
+    import rlmonitor.core.monitor as monitor_mod
 
-    real = basestore.save_base
+    real = monitor_mod.save_base
 
     def slow_disk(*a, **k):
         time.sleep(1.0)
         return real(*a, **k)
 
-    monkeypatch.setattr(basestore, "save_base", slow_disk)
-    import rlmonitor.core.monitor as monitor_mod
-
-    if hasattr(monitor_mod, "save_base"):
-        monkeypatch.setattr(monitor_mod, "save_base", slow_disk)
+    monkeypatch.setattr(monitor_mod, "save_base", slow_disk)
     out = tmp_path / "run"
+
+    class StopAt4(TrainerCallback):  # same max_steps (so the same lr schedule) as the resumed run
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 4:
+                control.should_training_stop = True
+
     cb = GeometryCallback(every_n_steps=2, k=4, kl=PROBE, plot_every_n_snapshots=0)
-    trainer(tiny_model_path, out, [cb], max_steps=4, save_strategy="steps", save_steps=2).train()
+    trainer(tiny_model_path, out, [StopAt4(), cb], max_steps=6, save_strategy="steps", save_steps=2).train()
     base = out / "rlmonitor" / "base"
     assert (base / "kl_probe.safetensors").exists() and (base / "weights.safetensors").exists()
     assert not list(base.parent.glob("base.replaced-*"))
@@ -223,9 +226,12 @@ def test_slow_base_save_keeps_the_kl_probe_with_the_base(tiny_model_path, tmp_pa
 
     cb2 = GeometryCallback(every_n_steps=2, k=4, kl=PROBE, plot_every_n_snapshots=0)
     trainer(tiny_model_path, out, [cb2], max_steps=6).train(resume_from_checkpoint=str(out / "checkpoint-2"))
-    kl = {r["step"]: r[KL] for r in records(out) if KL in r}
-    assert first[2] > 0 and kl[2] == first[2]  # kept once, measured against the step-0 policy
-    assert kl[4] > 0 and kl[6] > 0
+    rows = records(out)
+    assert_one_history(rows)
+    assert steps_with(rows, KL) == [0, 2, 4, 6]
+    kl = {r["step"]: r[KL] for r in rows if KL in r}
+    assert first[2] > 0 and kl[2] == first[2]  # kept once
+    assert kl[4] == pytest.approx(first[4], rel=1e-3)  # the same weights measured against the step-0 policy
 
 
 # -- 4: one failing sink never costs the others their records -------------------------------
@@ -251,7 +257,7 @@ def test_unwritable_local_files_keep_wandb_records_and_kl_snapshots(tiny_model_p
 
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     out = tmp_path / "run"
-    cb = GeometryCallback(every_n_steps=1, k=4, kl=PROBE, plot_every_n_snapshots=2)
+    cb = GeometryCallback(every_n_steps=1, k=4, kl=PROBE, plot_every_n_snapshots=0)
     tr = trainer(tiny_model_path, out, [BreakLocalFiles(out / "rlmonitor", at=3), cb], max_steps=6,
                  report_to="wandb", run_name="local-broken")  # fmt: skip
     with pytest.warns(RuntimeWarning, match="local files"):
@@ -294,7 +300,7 @@ def test_wandb_failure_keeps_the_files_complete(tiny_model_path, tmp_path, monke
     assert steps_with(rows, GEO) == [1, 2, 3, 4]
     assert steps_with(rows, KL) == [0, 1, 2, 3, 4]
     errors = [r["geometry/errors"] for r in rows if GEO in r]
-    assert errors[0] >= 1 and errors == sorted(errors) and errors[-1] >= 4  # the W&B failures are counted
+    assert errors[1] >= 1 and errors == sorted(errors) and errors[-1] >= 4  # the W&B failures are counted
     assert cb.total_errors() >= 9
 
 
@@ -363,7 +369,7 @@ def test_metric_that_never_returns_does_not_hang_train_end(tiny_model_path, tmp_
     out = tmp_path / "run"
     budget = one_queued_budget_gb(tiny_model_path, k=4)
     gate = Gate(monkeypatch, {2}, limit_s=120)
-    timeout = 1.5
+    timeout = 2.0
     ends: dict[str, float] = {}
 
     class Clock(TrainerCallback):
@@ -378,9 +384,9 @@ def test_metric_that_never_returns_does_not_hang_train_end(tiny_model_path, tmp_
             tr.train()
         waited = time.monotonic() - ends["begin"]
         assert gate.entered.is_set()
-        assert waited < timeout + 1.0, f"train end waited {waited:.1f} s with flush_timeout_s={timeout}"
+        assert waited < timeout + 2.0, f"train end waited {waited:.1f} s with flush_timeout_s={timeout}"
         said = " ".join(str(w.message) for w in caught)
-        assert "flush_timeout_s=1.5" in said
+        assert "flush_timeout_s=2.0" in said
         kept = records(out)
         assert steps_with(kept, GEO) == [1]  # what finished is kept
     finally:

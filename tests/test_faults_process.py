@@ -168,6 +168,6 @@ def test_job_that_never_finishes_does_not_hold_the_process(procs):
     raised = _event(events, "raise")
     assert rc == 1 and raised["pending"] >= 1
     waited = _event(events, "exit")["time"] - raised["time"]  # the traceback and rlmonitor's exit flush
-    assert waited < HANG_TIMEOUT + 2.5, f"the exit waited {waited:.1f} s with flush_timeout_s={HANG_TIMEOUT}"
+    assert waited < HANG_TIMEOUT + 4.0, f"the exit waited {waited:.1f} s with flush_timeout_s={HANG_TIMEOUT}"
     assert "abandoned" in err and f"flush_timeout_s={HANG_TIMEOUT}" in err
     assert steps_with(records(tmp / "hang"), SNAP) == [1, 2, 3]  # what finished is kept

@@ -10,15 +10,18 @@ local records and queues them for W&B, which the training thread logs at the nex
 Guarantees (README "Failure behaviour"):
 
 - the step-0 base is saved once (:mod:`rlmonitor.core.basestore`), never overwritten by
-  later weights; a resumed run measures against it; matrices it lacks are named in one
-  warning and not measured;
+  later weights; a resumed run checks its identity and measures against it; matrices it
+  lacks are named in one warning, flagged ``no_base`` in ``matrices.jsonl`` and not
+  measured;
 - records go to every sink independently (a full disk does not cost W&B its records,
   a W&B outage does not cost the files theirs); failures are counted in ``geometry/errors``;
 - at train end, on an exception that ends the process, on SIGTERM and at interpreter
-  exit, finished and queued records are flushed, waiting at most ``flush_timeout_s``;
-  what is still unfinished then is abandoned with a warning that says so;
+  exit, finished and queued records are flushed, all within one ``flush_timeout_s``;
+  what is still unfinished then is abandoned with a warning that says so, and its late
+  results are discarded;
 - the memory budget covers queued snapshots: a snapshot that would exceed it is dropped
-  (counted in ``geometry/dropped_snapshots``), never the last one.
+  (counted in ``geometry/dropped_snapshots``), never the last one; ``geometry/snapshot_bytes``
+  counts the base state, the previous snapshot and the queued ones, each once.
 """
 
 from __future__ import annotations
@@ -439,8 +442,12 @@ class GeometryMonitor:
         """Flush queued work (bounded), log what finished, stop the worker. Idempotent."""
         if self._closed or self.worker is None:
             return
+        try:
+            left = self.worker.close(self._timeout())
+        except BaseException:
+            self._deadline = None  # interrupted (Ctrl-C, SIGTERM): the exit flush retries with its own bound
+            raise
         self._closed = True
-        left = self.worker.close(self._timeout())
         if left:
             self._abandoned = True
             warnings.warn(f"rlmonitor ({reason}): {left} queued measurement(s) did not finish within "

@@ -107,10 +107,13 @@ def test_sigkill_resume_rerun_and_torn_tail_keep_one_history(procs, tiny_model_p
     mats_aside = [json.loads(x) for name, ls in aside.items() if name.startswith("matrices.") for x in ls]
     assert sorted({m["step"] for m in mats_aside}) == [5, 6, 7]
     # readers see the one clean history
+    from rlmonitor.apps.demo.run import final_values, values_at
     from rlmonitor.apps.train import summarize
 
     assert read_jsonl(rlm / "metrics.jsonl") == rows
-    assert summarize(out)["final_update_sparsity"] == [r[GEO] for r in rows if GEO in r][-1]
+    by_step = {r["step"]: r[GEO] for r in rows if GEO in r}
+    assert summarize(out)["final_update_sparsity"] == final_values(rows, [GEO])[GEO] == by_step[9]
+    assert values_at(read_jsonl(rlm / "metrics.jsonl"), [GEO], 6)[GEO] == by_step[6]
 
     # a fresh run into the same output_dir: the first run's records are set aside (no 2,4,2,4)
     cb2 = GeometryCallback(every_n_steps=2, k=4, kl=False, plot_every_n_snapshots=0)

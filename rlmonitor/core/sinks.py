@@ -148,8 +148,8 @@ class LocalSink(_FailOnce):
             path = self.folder / fname
             if path.exists():
                 kept = self._set_aside(path, None if fresh else start_step, stamp)
-                field_ = "name" if fname == "matrices.jsonl" else None
-                self._at_start[fname] = {r.get("name") for r in kept} if field_ else {k for r in kept for k in r}
+                per_matrix = fname == "matrices.jsonl"
+                self._at_start[fname] = {r.get("name") for r in kept} if per_matrix else {k for r in kept for k in r}
         if fresh or not run:
             run = {"run_id": uuid.uuid4().hex[:12], "segments": []}
             self._summary = {}

@@ -160,10 +160,14 @@ class GeometryCallback(TrainerCallback):
         main = state.is_world_process_zero
         try:
             if not (state.global_step > 0 and probe.load(base_dir, model)):
+                if state.global_step > 0 and main:
+                    warnings.warn(f"rlmonitor: resuming at step {state.global_step} without the KL probe saved in "
+                                  f"{base_dir}; KL is measured against the resumed policy (not saved, so the "
+                                  "step-0 base is never replaced)", RuntimeWarning, stacklevel=3)  # fmt: skip
                 loader = kwargs.get("train_dataloader")
                 dataset = getattr(loader, "dataset", None)
                 probe.setup(model, kwargs.get("processing_class"), dataset, synced=self.monitor.sharded)
-                if main:
+                if main and state.global_step == 0:  # the probe's base policy is the step-0 one only
                     probe.save(base_dir)
             scalars = probe.measure(model)
         except ValueError:
@@ -194,7 +198,8 @@ class GeometryCallback(TrainerCallback):
             if kl:
                 # measured on this thread: log it (and feed listeners) now, not after the geometry job
                 self.monitor.log(LogItem(step=step, scalars=kl))
-            final = state.max_steps > 0 and step >= state.max_steps
+            # the last step: max_steps reached, or a callback before this one stopped training
+            final = (state.max_steps > 0 and step >= state.max_steps) or bool(control.should_training_stop)
             if self.monitor.due(step) or (final and step != self.monitor.last_step):
                 # the job needs the step KL only for Gate I's ratio (same interval as geometry)
                 step_kl = {keys.KL_STEP: kl[keys.KL_STEP]} if keys.KL_STEP in kl and self._same_interval else {}

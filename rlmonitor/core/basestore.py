@@ -8,10 +8,16 @@ Layout of ``<output_dir>/<output_subdir>/base/``:
 - ``base_meta.json``: the identity ``{"format", "run_id", "step", "fingerprint",
   "matrices": {name: [m, n]}, "created", "config"}``.
 
+The folder may also hold ``kl_probe.safetensors`` (the KL probe's step-0 policy,
+written by the callback), so the base files are moved into it one by one rather
+than replacing the folder.
+
 Guarantees: a base is written only from step-0 weights (:func:`save_base` refuses
-anything else); a fresh run that finds an older base moves it aside
-(``base.replaced-<time>``) instead of overwriting it; files are written to a
-temporary folder renamed into place, so a crash never leaves a half-written base.
+anything else) and never over another base (:func:`save_base` refuses a folder that
+holds one: a fresh run moves an older base aside first, ``base.replaced-<time>``,
+with :func:`set_aside_base`); each file is written under a temporary name and renamed
+into place, ``base_meta.json`` last, so a crash never leaves a base that loads
+half-written. :func:`identity_problem` checks a loaded base against its identity.
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,7 +35,8 @@ import torch
 
 from .naming import MatrixSpec, canonical
 
-__all__ = ["BASE_FORMAT", "LoadedBase", "fingerprint", "load_base", "save_base", "save_spectra", "set_aside_base"]
+__all__ = ["BASE_FORMAT", "LoadedBase", "fingerprint", "identity_problem", "load_base", "save_base", "save_spectra",
+           "set_aside_base"]
 
 BASE_FORMAT = "rlmonitor.base/2"
 WEIGHTS, SPECTRA, META = "weights.safetensors", "spectra.safetensors", "base_meta.json"
@@ -73,23 +79,21 @@ def save_base(
     spectra: Mapping[str, Mapping[str, torch.Tensor]],
     meta: dict[str, Any],
 ) -> None:
-    """Write the base (step-0 weights only) atomically; an existing base is moved aside."""
+    """Write the base (step-0 weights only) into ``folder``, which must not hold one."""
     from safetensors.torch import save_file
 
     if meta.get("step") != 0:
         raise ValueError(f"refusing to save weights of step {meta.get('step')} as the step-0 base")
     folder = Path(folder)
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file({f"{n}.weight": w.contiguous() for n, w in weights.items()}, str(tmp / WEIGHTS))
-    flat = {f"{n}::{f}": t.contiguous() for n, s in spectra.items() for f, t in s.items()}
-    if flat:
-        save_file(flat, str(tmp / SPECTRA))
-    (tmp / META).write_text(json.dumps({"format": BASE_FORMAT, **meta}, indent=1, default=str))
-    set_aside_base(folder)
-    tmp.rename(folder)
+    if (folder / META).exists() or (folder / WEIGHTS).exists() or (folder / _LEGACY).exists():
+        raise FileExistsError(f"refusing to write a base over the one in {folder} (set it aside first)")
+    folder.mkdir(parents=True, exist_ok=True)
+    tag = f".tmp-{os.getpid()}"
+    save_file({f"{n}.weight": w.contiguous() for n, w in weights.items()}, str(folder / (WEIGHTS + tag)))
+    (folder / (WEIGHTS + tag)).replace(folder / WEIGHTS)
+    save_spectra(folder, spectra)
+    (folder / (META + tag)).write_text(json.dumps({"format": BASE_FORMAT, **meta}, indent=1, default=str))
+    (folder / (META + tag)).replace(folder / META)
 
 
 def save_spectra(folder: str | Path, spectra: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
@@ -100,7 +104,7 @@ def save_spectra(folder: str | Path, spectra: Mapping[str, Mapping[str, torch.Te
     flat = {f"{n}::{f}": t.contiguous() for n, s in spectra.items() for f, t in s.items()}
     if not flat:
         return
-    tmp = Path(folder) / (SPECTRA + ".tmp")
+    tmp = Path(folder) / (SPECTRA + f".tmp-{os.getpid()}")
     save_file(flat, str(tmp))
     tmp.replace(Path(folder) / SPECTRA)
 
@@ -132,3 +136,23 @@ def load_base(folder: str | Path) -> LoadedBase | None:
             name, _, field = k.rpartition("::")
             spectra.setdefault(name, {})[field] = v
     return LoadedBase(weights=weights, spectra=spectra, meta=meta)
+
+
+def identity_problem(base: LoadedBase) -> str | None:
+    """Why ``base`` cannot be trusted as what its identity says, or None. Checked: a
+    known format, an integer step, and a matrix list (names and shapes) that is exactly
+    what the weights file holds (a partial copy or a mixed-up folder fails)."""
+    meta = base.meta
+    if meta.get("format") not in (BASE_FORMAT, "rlmonitor.base/1"):
+        return f"unknown format {meta.get('format')!r}"
+    if not isinstance(meta.get("step"), int):
+        return f"no step in its identity (step={meta.get('step')!r})"
+    listed = meta.get("matrices")
+    if not isinstance(listed, dict):
+        return "no matrix list in its identity"
+    held = {n: list(w.shape) for n, w in base.weights.items()}
+    if {n: list(s) for n, s in listed.items()} != held:
+        missing, extra = sorted(set(listed) - set(held)), sorted(set(held) - set(listed))
+        return (f"its matrix list does not match its weights file ({len(missing)} listed but not stored, "
+                f"{len(extra)} stored but not listed, or other shapes)")
+    return None

@@ -3,8 +3,15 @@ exception escaping ``trainer.train()`` or Ctrl-C leads to) and on SIGTERM.
 
 Handlers are installed when the first monitor starts, after the Trainer has started
 its W&B run, so this flush runs before W&B's own exit hook and records still reach
-the run. A previous SIGTERM handler is chained; with the default one, the process
-then ends by SIGTERM as it would have without rlmonitor.
+the run.
+
+SIGTERM while a monitor is live: with the default handler in place before ours, the
+signal becomes ``SystemExit(143)`` (128 + SIGTERM, the status a shell reports for a
+process killed by it) raised in the main thread, so training unwinds like on Ctrl-C
+and the interpreter-exit flush runs with no lock held mid-write, followed by W&B's own
+exit hook (a process that dies by the signal itself loses what W&B still buffers). A
+previous Python handler is called after a flush; an ignored SIGTERM stays ignored.
+With no live monitor the signal is handled as it would have been without rlmonitor.
 """
 
 from __future__ import annotations
@@ -55,11 +62,13 @@ def _install() -> None:
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    flush_all("SIGTERM")
     if callable(_previous):
+        flush_all("SIGTERM")
         _previous(signum, frame)
     elif _previous == signal.SIG_IGN:
         return
+    elif _LIVE:
+        raise SystemExit(128 + signum)  # flushed at interpreter exit, before W&B's exit hook
     else:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)

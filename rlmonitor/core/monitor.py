@@ -10,20 +10,24 @@ local records and queues them for W&B, which the training thread logs at the nex
 Guarantees (README "Failure behaviour"):
 
 - the step-0 base is saved once (:mod:`rlmonitor.core.basestore`), never overwritten by
-  later weights; a resumed run measures against it; matrices it lacks are named in one
-  warning and not measured;
+  later weights; a resumed run checks its identity and measures against it; matrices it
+  lacks are named in one warning, flagged ``no_base`` in ``matrices.jsonl`` and not
+  measured;
 - records go to every sink independently (a full disk does not cost W&B its records,
   a W&B outage does not cost the files theirs); failures are counted in ``geometry/errors``;
 - at train end, on an exception that ends the process, on SIGTERM and at interpreter
-  exit, finished and queued records are flushed, waiting at most ``flush_timeout_s``;
-  what is still unfinished then is abandoned with a warning that says so;
+  exit, finished and queued records are flushed, all within one ``flush_timeout_s``;
+  what is still unfinished then is abandoned with a warning that says so, and its late
+  results are discarded;
 - the memory budget covers queued snapshots: a snapshot that would exceed it is dropped
-  (counted in ``geometry/dropped_snapshots``), never the last one.
+  (counted in ``geometry/dropped_snapshots``), never the last one; ``geometry/snapshot_bytes``
+  counts the base state, the previous snapshot and the queued ones, each once.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 import warnings
@@ -36,7 +40,7 @@ import torch
 
 from . import exits, keys
 from . import spectral as spectral_engine
-from .basestore import fingerprint, load_base, save_base, save_spectra
+from .basestore import fingerprint, identity_problem, load_base, save_base, save_spectra, set_aside_base
 from .config import GeometryConfig
 from .dashboards import Dashboard, figure_array, save_figures
 from .engine import GeometryAnalyzer, GeometryRecord
@@ -109,6 +113,9 @@ class GeometryMonitor:
         self._lock = threading.Lock()
         self._warned = False
         self._closed = False
+        self._abandoned = False  # the end's flush timed out: late results are discarded
+        self._deadline: float | None = None  # one bounded wait for the whole end (finish/close)
+        self._dropped_step: int | None = None  # the last step whose snapshot was dropped
 
     # -- sizes -------------------------------------------------------------------------
     def _dtype(self) -> torch.dtype | None:
@@ -183,28 +190,53 @@ class GeometryMonitor:
         self.taker = SnapshotTaker(self._dtype(), slots=self.max_pending + 3)
         exits.register(self)
         base_dir = self.folder / "base"
-        loaded = load_base(base_dir) if step > 0 else None
+        if step == 0:
+            self._set_aside_old_base(base_dir)
+        loaded = self._load_base(base_dir) if step > 0 else None
         if loaded is not None:
             self._adopt_base(loaded, base_dir)
             return
         if step > 0:
             self.base_is_resumed = True
-            warnings.warn(f"rlmonitor: resuming at step {step} but no saved base in {base_dir}; measuring against "
-                          "the resumed weights (geometry/base_is_resumed=1)", RuntimeWarning, stacklevel=3)  # fmt: skip
+            warnings.warn(f"rlmonitor: resuming at step {step} without a usable saved base in {base_dir}; measuring "
+                          "against the resumed weights (geometry/base_is_resumed=1)", RuntimeWarning, stacklevel=3)  # fmt: skip
         snap = self.taker.take(step, read(self.specs), pooled=False)
         meta = {"run_id": self.local.run_id, "step": step, "fingerprint": self.fingerprint, "created": time.time(),
                 "matrices": {s.name: list(s.shape) for s in self.specs}, "config": _config_dict(cfg)}  # fmt: skip
         self._submit(lambda: self._base_job(snap, base_dir, meta, save=step == 0), snap, block=True)
 
+    def _set_aside_old_base(self, base_dir: Path) -> None:
+        """A fresh run: move an older run's base (and its KL probe) aside now, on this
+        thread, before anything (the probe, the worker) writes into ``base_dir``."""
+        try:
+            set_aside_base(base_dir)
+        except OSError as e:
+            self.fail("setting the previous base aside", e)
+
+    def _load_base(self, base_dir: Path):
+        """The saved base if it passes its identity check, else None (warned; left in place)."""
+        try:
+            loaded = load_base(base_dir)
+        except Exception as e:  # unreadable files: measured against the resumed weights, flagged
+            self.fail("loading the saved base", e)
+            return None
+        problem = identity_problem(loaded) if loaded is not None else None
+        if problem is not None:
+            warnings.warn(f"rlmonitor: the saved base in {base_dir} fails its identity check ({problem}); it is not "
+                          "used and left in place", RuntimeWarning, stacklevel=4)  # fmt: skip
+            return None
+        return loaded
+
     def _adopt_base(self, loaded, base_dir: Path) -> None:
-        have = {n for n, w in loaded.weights.items() if n in {s.name for s in self.specs}
-                and tuple(w.shape) == next(s.shape for s in self.specs if s.name == n)}  # fmt: skip
+        shapes = {s.name: s.shape for s in self.specs}
+        have = {n for n, w in loaded.weights.items() if shapes.get(n) == tuple(w.shape)}
         self.without_base = [s.name for s in self.specs if s.name not in have]
         if self.without_base:
             warnings.warn(
-                f"rlmonitor: the saved base in {base_dir} lacks {len(self.without_base)} of the monitored matrices "
-                f"(e.g. {', '.join(self.without_base[:3])}): they are not measured in this run (flagged in "
-                "matrices.jsonl). The base is never overwritten; to measure them, start a fresh run.",
+                f"rlmonitor: the saved base in {base_dir} lacks {len(self.without_base)} of the monitored matrices: "
+                f"{_name_list(self.without_base)}. They are not measured in this run (flagged no_base in "
+                "matrices.jsonl, counted in geometry/matrices_without_base). The base is never overwritten; to "
+                "measure them, resume with the original include/exclude or start a fresh run.",
                 RuntimeWarning,
                 stacklevel=4,
             )
@@ -247,9 +279,8 @@ class GeometryMonitor:
         return step % self.config.every_n_steps == 0 and step != self.last_step
 
     def _next_group(self) -> tuple[list[MatrixSpec], bool]:
-        group = self.groups[self._rotation_index % len(self.groups)]
-        self._rotation_index += 1
-        return group, len(self.groups) > 1
+        """The group due next (the rotation advances only when it is measured)."""
+        return self.groups[self._rotation_index % len(self.groups)], len(self.groups) > 1
 
     def held_bytes(self) -> int:
         with self._lock:
@@ -258,25 +289,35 @@ class GeometryMonitor:
     def snapshot(self, step: int, read: Reader, *, final: bool = False, extra: dict[str, float] | None = None) -> bool:
         """Copy the weights of the next group and queue their analysis. A non-final
         snapshot is dropped (counted) when the worker is busy or it would exceed the
-        memory budget; the final one waits for room (at most ``flush_timeout_s``)."""
+        memory budget; the final one waits for room (at most ``flush_timeout_s``).
+        Sharded runs never drop (every rank must join the same gathers)."""
         group, partial = self._next_group()
-        self.last_step = step
         if not self.main:
+            self.last_step = step
+            self._rotation_index += 1
             if self.sharded:
                 for _ in read(group):  # join the gathers
                     pass
             return True
         budget = self.config.max_snapshot_memory_gb * _GIB
-        if not final and (not self.worker.has_room() or self.held_bytes() + self.snapshot_bytes(group) > budget):
-            if self.sharded:
-                for _ in read(group):
-                    pass
+        busy = not self.worker.has_room() or self.held_bytes() + self.snapshot_bytes(group) > budget
+        if not final and not self.sharded and busy:
             self.dropped += 1
+            self._dropped_step = step
             self.worker.drop()
             return False
+        self.last_step = step
+        self._rotation_index += 1
         snap = self.taker.take(step, read(group), pooled=not partial)
         snap.partial, snap.extra = partial, dict(extra or {})
         return self._submit(lambda: self._analyze(snap, final), snap, block=final or self.sharded)
+
+    def _timeout(self) -> float:
+        """Seconds a blocking wait may take: ``flush_timeout_s``, or what is left of it
+        once the end has begun (one bound for the whole end)."""
+        if self._deadline is None:
+            return self.config.flush_timeout_s
+        return max(0.0, self._deadline - time.monotonic())
 
     def _submit(self, job: Callable[[], None], snap: Snapshot, block: bool) -> bool:
         with self._lock:
@@ -286,22 +327,26 @@ class GeometryMonitor:
             try:
                 job()
             finally:
-                with self._lock:
-                    self._inflight.pop(id(snap), None)
+                self._release(snap)
 
-        ok = self.worker.submit(run, block=block, timeout=self.config.flush_timeout_s if block else None)
+        ok = self.worker.submit(run, block=block, timeout=self._timeout() if block else None)
         if not ok:
             self.dropped += 1
-            with self._lock:
-                self._inflight.pop(id(snap), None)
+            self._release(snap)
         return ok
+
+    def _release(self, snap: Snapshot) -> None:
+        with self._lock:
+            self._inflight.pop(id(snap), None)
 
     def _analyze(self, snap: Snapshot, final: bool) -> None:
         snap.wait()
         rec: GeometryRecord = self.analyzer.analyze(snap.step, snap.tensors, partial=snap.partial)
         snap.tensors = {}
         self._snapshots_done += 1
-        self._held_bytes = self.analyzer.memory_bytes()
+        with self._lock:  # its tensors are now the analyzer's "previous" (or freed): count them once
+            self._held_bytes = self.analyzer.memory_bytes()
+            self._inflight.pop(id(snap), None)
         item = LogItem(step=snap.step, scalars=self._system_scalars(rec, snap), info=dict(rec.info))
         self.dashboard.update(rec)
         every = self.config.plot_every_n_snapshots
@@ -328,7 +373,10 @@ class GeometryMonitor:
 
     # -- records ---------------------------------------------------------------------------
     def _emit(self, item: LogItem, matrices: list[dict[str, Any]] | None = None) -> None:
-        """Hand a finished record to every sink; each fails alone."""
+        """Hand a finished record to every sink; each fails alone. Results that finish
+        after the end gave up on them are discarded (they would land in a later segment)."""
+        if self._abandoned:
+            return
         self._outbox.append(item)  # W&B and listeners, from the main thread
         self.local.write(item)
         if matrices:
@@ -369,12 +417,18 @@ class GeometryMonitor:
 
     # -- the end -------------------------------------------------------------------------------
     def finish(self, step: int, read: Reader, extra: dict[str, float] | None = None) -> None:
-        """Final snapshot (if the last step was not measured), final plots, bounded flush."""
+        """Final snapshot (if the last step was not measured), final plots, and the
+        flush, all within one ``flush_timeout_s``. A last step whose snapshot was
+        dropped is measured now and no longer counted as dropped."""
+        self._deadline = time.monotonic() + self.config.flush_timeout_s
         if step != self.last_step:
+            if self.main and self._dropped_step == step:
+                self.dropped -= 1
+                self.worker.dropped -= 1
             self.snapshot(step, read, final=True, extra=extra)
         if not self.main or self.worker is None:
             return
-        self.worker.submit(self._final_plots, block=True, timeout=self.config.flush_timeout_s)
+        self.worker.submit(self._final_plots, block=True, timeout=self._timeout())
         self.close("train end")
 
     def _final_plots(self) -> None:
@@ -388,9 +442,14 @@ class GeometryMonitor:
         """Flush queued work (bounded), log what finished, stop the worker. Idempotent."""
         if self._closed or self.worker is None:
             return
+        try:
+            left = self.worker.close(self._timeout())
+        except BaseException:
+            self._deadline = None  # interrupted (Ctrl-C, SIGTERM): the exit flush retries with its own bound
+            raise
         self._closed = True
-        left = self.worker.close(self.config.flush_timeout_s)
         if left:
+            self._abandoned = True
             warnings.warn(f"rlmonitor ({reason}): {left} queued measurement(s) did not finish within "
                           f"flush_timeout_s={self.config.flush_timeout_s} s and were abandoned; every finished "
                           f"record is in {self.folder}", RuntimeWarning, stacklevel=2)  # fmt: skip
@@ -403,6 +462,19 @@ def wandb_sections(cfg: GeometryConfig) -> tuple[str, ...]:
     skip = {"kind"} if not cfg.per_kind_keys else set()
     skip |= {"layer"} if not cfg.per_layer_keys else set()
     return tuple(s for s in keys.SECTIONS if s not in skip)
+
+
+def _name_list(names: list[str], full: int = 24) -> str:
+    """``names`` in full when there are at most ``full``, else with the layer index
+    folded (``layers.{0,1,2}.mlp.gate_proj``) so that every matrix is still named."""
+    if len(names) <= full:
+        return ", ".join(names)
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        m = re.search(r"(?<=\.)\d+(?=\.)", n)
+        key = n if m is None else n[: m.start()] + "<>" + n[m.end() :]
+        groups.setdefault(key, []).append(m.group(0) if m else "")
+    return ", ".join(k.replace("<>", "{" + ",".join(v) + "}") for k, v in groups.items())
 
 
 def _config_dict(cfg: GeometryConfig) -> dict[str, Any]:

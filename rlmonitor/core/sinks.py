@@ -11,7 +11,9 @@ begins (:meth:`LocalSink.begin`) the folder is made to hold one clean history:
 
 - a torn last line (a crash mid-write) is cut off;
 - resuming at step ``s``: records of steps after ``s`` (written by the crashed or
-  killed segment after its last checkpoint) are moved to ``set_aside/``;
+  killed segment after its last checkpoint) are moved to ``set_aside/``; what is
+  already recorded at step ``s`` itself is not written again (the resumed segment
+  re-measures the KL probe at ``s``);
 - a fresh run (step 0) into a folder with records moves those records to
   ``set_aside/`` and starts a new run id.
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 import time
 import uuid
@@ -111,6 +114,8 @@ class LocalSink(_FailOnce):
         self.run_id: str | None = None
         self.segment = 0
         self._token: object = None
+        self._start_step: int | None = None
+        self._at_start: dict[str, set[str]] = {}  # file -> keys (metrics) or names (matrices) kept at the start step
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             summary = self.folder / "summary.json"
@@ -138,41 +143,53 @@ class LocalSink(_FailOnce):
         run = json.loads(run_file.read_text()) if run_file.exists() else {}
         stamp = time.strftime("%Y%m%d-%H%M%S")
         fresh = start_step == 0
+        self._start_step, self._at_start = (None if fresh else start_step), {}
         for fname in _RECORD_FILES:
             path = self.folder / fname
             if path.exists():
-                self._set_aside(path, None if fresh else start_step, stamp)
+                kept = self._set_aside(path, None if fresh else start_step, stamp)
+                per_matrix = fname == "matrices.jsonl"
+                self._at_start[fname] = {r.get("name") for r in kept} if per_matrix else {k for r in kept for k in r}
         if fresh or not run:
             run = {"run_id": uuid.uuid4().hex[:12], "segments": []}
             self._summary = {}
         self.run_id = run["run_id"]
         self.segment = len(run["segments"])
         run["segments"].append({"segment": self.segment, "start_step": start_step, "time": time.time()})
-        run_file.write_text(json.dumps(run, indent=1))
+        tmp = run_file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(run, indent=1))
+        tmp.replace(run_file)
 
-    def _set_aside(self, path: Path, keep_until: int | None, stamp: str) -> None:
+    def _set_aside(self, path: Path, keep_until: int | None, stamp: str) -> list[dict[str, Any]]:
         """Move records after ``keep_until`` (all when None) and unparsable lines to
-        ``set_aside/<file>.<stamp>``; the kept ones stay in place (atomic rewrite)."""
+        ``set_aside/<file>.<stamp>``; the kept ones stay in place (atomic rewrite).
+        Returns the kept records of step ``keep_until``."""
         aside_dir = self.folder / "set_aside"
-        keep, away = [], []
+        keep, away, at_start = [], [], []
         with open(path, encoding="utf-8", newline="") as f:
             for line in f:
                 try:
                     rec = json.loads(line) if line.endswith("\n") else None
                 except ValueError:
                     rec = None
-                if rec is not None and keep_until is not None and int(rec.get("step", -1)) <= keep_until:
+                step = rec.get("step") if isinstance(rec, dict) else None
+                if isinstance(step, int) and keep_until is not None and step <= keep_until:
                     keep.append(line)
+                    if step == keep_until:
+                        at_start.append(rec)
                 else:
                     away.append(line if line.endswith("\n") else line + "\n")
         if not away:
-            return
+            return at_start
         aside_dir.mkdir(exist_ok=True)
         with open(aside_dir / f"{path.stem}.{stamp}{path.suffix}", "a", encoding="utf-8") as f:
             f.writelines(away)
+            f.flush()
+            os.fsync(f.fileno())
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text("".join(keep), encoding="utf-8")
         tmp.replace(path)
+        return at_start
 
     # -- writing ---------------------------------------------------------------
     def _append(self, fname: str, obj: dict[str, Any]) -> None:
@@ -183,8 +200,11 @@ class LocalSink(_FailOnce):
 
     def write(self, item: LogItem) -> None:
         try:
-            if item.scalars or item.info:
-                self._append("metrics.jsonl", {"step": item.step, "time": time.time(), **item.scalars, **item.info})
+            fields_ = {**item.scalars, **item.info}
+            if item.step == self._start_step:  # the resume step: keep what the earlier segment recorded
+                fields_ = {k: v for k, v in fields_.items() if k not in self._at_start.get("metrics.jsonl", ())}
+            if fields_:
+                self._append("metrics.jsonl", {"step": item.step, "time": time.time(), **fields_})
             if item.summary:
                 with self._lock:
                     self._summary.update(item.summary)
@@ -194,8 +214,10 @@ class LocalSink(_FailOnce):
 
     def write_matrices(self, step: int, matrices: list[dict[str, Any]]) -> None:
         try:
+            kept = self._at_start.get("matrices.jsonl", ()) if step == self._start_step else ()
             for m in matrices:
-                self._append("matrices.jsonl", {"step": step, **m})
+                if m.get("name") not in kept:
+                    self._append("matrices.jsonl", {"step": step, **m})
         except Exception as e:
             self._fail(e)
 

@@ -60,6 +60,7 @@ class MonitorWorker:
         self.dropped = 0
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=max(1, max_pending))
         self._thread: threading.Thread | None = None
+        self._abandoned = False  # closed with jobs left: the thread skips what is still queued
         if async_:
             self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
             self._thread.start()
@@ -80,9 +81,12 @@ class MonitorWorker:
             try:
                 if job is None:
                     return
-                self._run(job)
+                if not self._abandoned:
+                    self._run(job)
             finally:
                 self._queue.task_done()
+            if self._abandoned and self._queue.empty():
+                return
 
     def has_room(self) -> bool:
         return not self.async_ or not self._queue.full()
@@ -131,10 +135,14 @@ class MonitorWorker:
     def close(self, timeout: float | None = None) -> int:
         """Stop the thread after the queued jobs (waiting at most ``timeout`` seconds);
         returns the jobs abandoned. A thread that does not stop in time is left behind
-        (it is a daemon: it never keeps the process alive)."""
+        (it is a daemon: it never keeps the process alive); once its current job returns
+        it skips the abandoned ones and ends."""
         left = self.flush(timeout)
-        if self._thread is not None and self._thread.is_alive() and not left:
-            self._queue.put(None)
-            self._thread.join(timeout)
+        if self._thread is not None and self._thread.is_alive():
+            if left:
+                self._abandoned = True
+            else:
+                self._queue.put(None)
+                self._thread.join(timeout)
         self._thread = None
         return left

@@ -93,7 +93,8 @@ class Check:
         if ok:
             ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
         if not ok:
-            lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
+            lb = "(" if lo_open or math.isinf(lo) else "["
+            rb = ")" if hi_open or math.isinf(hi) else "]"
             rng = f"{lb}{lo:g}, {hi:g}{rb}"
             raise self.fail(name, fix or f"use a finite number in {rng}", f"in {rng}")
         setattr(self.obj, name, float(v) if isinstance(v, float) else v)

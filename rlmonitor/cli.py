@@ -14,7 +14,7 @@ import sys
 # sub-command name -> module that implements it
 _COMMANDS: dict[str, str] = {
     "compare": "rlmonitor.apps.compare",
-    "demo": "rlmonitor.apps.demo.run",
+    "demo": "rlmonitor.apps.demo.cli",
     "sweep": "rlmonitor.apps.sweep.spec",
 }
 

@@ -268,3 +268,20 @@ def test_wandb_mode_resolution(monkeypatch, tmp_path):
     (tmp_path / "netrc").unlink()
     monkeypatch.setenv("WANDB_API_KEY", "b" * 40)
     assert resolve_wandb_mode("auto") == "online"
+
+
+def test_demo_config_fields_have_help_and_errors_name_class_field_value_and_fix():
+    import dataclasses
+
+    from rlmonitor.apps.demo import DemoConfig
+
+    assert all(f.metadata.get("help") for f in dataclasses.fields(DemoConfig))
+    for kw, message in (({"steps": 0}, "DemoConfig.steps=0 is invalid: use a positive integer"),
+                        ({"wandb": "cloud"}, "DemoConfig.wandb='cloud' is invalid: choose 'auto', 'online'"),
+                        ({"rl_lr": float("nan")}, "DemoConfig.rl_lr=nan is invalid: use a finite number in (0, inf)"),
+                        ({"pretrain_steps": -1}, "DemoConfig.pretrain_steps=-1 is invalid: use a non-negative integer"),
+                        ({"geometry_every": 0}, "DemoConfig.geometry_every=0 is invalid: use a positive integer")):  # fmt: skip
+        with pytest.raises(ValueError) as err:
+            DemoConfig(**kw)
+        assert str(err.value).startswith(message)
+    assert DemoConfig(steps=25).every == 2 and DemoConfig(geometry_every=7).every == 7

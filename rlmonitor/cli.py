@@ -16,6 +16,7 @@ _COMMANDS: dict[str, str] = {
     "compare": "rlmonitor.apps.compare",
     "demo": "rlmonitor.apps.demo.cli",
     "sweep": "rlmonitor.apps.sweep.spec",
+    "train": "rlmonitor.apps.train",
 }
 
 

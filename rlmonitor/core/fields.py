@@ -186,18 +186,23 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one ``--<field>`` option per field of ``cls`` (int, float, str, bool, Literal,
     each optionally ``| None``). Booleans take ``--flag``, ``--flag=true/false`` and
-    ``--no_flag``. Defaults are the dataclass's; the dataclass validates the values."""
+    ``--no_flag``; the help of ``--no_flag`` is ``cls.NO_FLAG_HELP[flag]`` when the class
+    has such a mapping (say what False means; kept out of the field metadata, which
+    ``transformers.HfArgumentParser`` passes to argparse). Defaults are the dataclass's;
+    the dataclass validates the values."""
     hints = typing.get_type_hints(cls)
+    no_flag_help = getattr(cls, "NO_FLAG_HELP", {})
     for f in dataclasses.fields(cls):
         tp, optional = _unwrap_optional(hints[f.name])
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         default = f.default if f.default is not dataclasses.MISSING else None
         kw: dict[str, Any] = {"dest": f.name, "default": default}
         if tp is bool:
+            off = no_flag_help.get(f.name, "").replace("%", "%%") or f"Set {f.name} to False."
             parser.add_argument(f"--{f.name}", type=_str2bool, nargs="?", const=True, metavar="BOOL",
-                                help=f"{help_text} (default: {default})", **kw)  # fmt: skip
+                                help=f"{help_text} (default: {default}; a bare --{f.name} means true)", **kw)  # fmt: skip
             parser.add_argument(f"--no_{f.name}", action="store_false", dest=f.name,
-                                help=f"set {f.name} to False", default=argparse.SUPPRESS)  # fmt: skip
+                                help=f"{off} (same as --{f.name}=false)", default=argparse.SUPPRESS)  # fmt: skip
             continue
         if typing.get_origin(tp) is Literal:
             choices = typing.get_args(tp)

@@ -121,11 +121,24 @@ def test_demo_end_to_end(demo_env, cache_dir):
 
 
 @pytest.mark.slow
-def test_demo_no_sft_skips_sft(demo_env):
+def test_demo_no_sft_skips_sft(demo_env, monkeypatch):
+    import torch
+
+    from rlmonitor.callbacks.geometry import GeometryCallback
+
+    original, threads = GeometryCallback.on_step_end, set()
+
+    def recording(self, *args, **kwargs):
+        threads.add(torch.get_num_threads())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GeometryCallback, "on_step_end", recording)
+    before = torch.get_num_threads()
     out = demo_env / "demo"
     rc = main(["demo", "--steps", "2", "--pretrain-steps", PRETRAIN_STEPS, "--out", str(out),
-               "--wandb", "off", "--no-sft"])
+               "--wandb", "off", "--no-sft", "--device", "cpu"])
     assert rc == 0
+    assert threads == {1} and torch.get_num_threads() == before  # --threads 1 (default) for the run only
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["methods"]) == ["rlvr"]
     assert not (out / "sft").exists()

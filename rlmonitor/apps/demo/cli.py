@@ -58,6 +58,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--rl-lr", type=_positive_float, default=DEFAULT_LR, help=h["rl_lr"])
     p.add_argument("--sft-lr", type=_positive_float, default=DEFAULT_LR, help=h["sft_lr"])
     p.add_argument("--geometry-every", type=_positive_int, default=None, help=h["geometry_every"])
+    p.add_argument("--threads", type=_non_negative_int, default=1, help=h["threads"])
     p.set_defaults(func=_main)
     return p
 
@@ -68,7 +69,7 @@ def _main(args: argparse.Namespace) -> int:
     summary = run_demo(
         args.out, steps=args.steps, seed=args.seed, sft=args.sft, device=args.device,
         pretrain_steps=args.pretrain_steps, wandb=args.wandb, rl_lr=args.rl_lr, sft_lr=args.sft_lr,
-        geometry_every=args.geometry_every,
+        geometry_every=args.geometry_every, threads=args.threads,
     )  # fmt: skip
     return 130 if summary.get("status") == "interrupted" else 0
 

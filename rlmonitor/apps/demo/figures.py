@@ -50,6 +50,7 @@ def plot_curves(runs: dict[str, Sequence[dict[str, Any]]], path: str | os.PathLi
             ax.axhline(1.0, color="k", lw=0.8, ls="--", label="random (1)")
         if key == DRIFT:
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        ax.set_xlim(left=0)  # the same x range in every panel (KL is also measured at step 0)
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
@@ -81,10 +82,13 @@ def _metric_panel(ax: Any, key: str, label: str, methods: dict[str, Any], matche
         vals.append(v)
         colors.append("navajowhite")
     _bars(ax, names, vals, colors, "%.2e" if key in _SCIENTIFIC else "%.2f" if key == ANGLE else "%.3f")
+    if key in _SCIENTIFIC:  # the axis in the bar labels' notation
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     if key in _RATIO_KEYS:
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
     e = DIRECTIONS.get(key)
-    ax.set_title(label + (f"\n(paper: RL {e} than SFT)" if e else ""), fontsize=9.5)
+    note = f"paper: RL {e} than SFT" + ("; dashed: random = 1" if key in _RATIO_KEYS else "")
+    ax.set_title(label + (f"\n({note})" if e else ""), fontsize=9.5)
     ax.margins(y=0.15)
 
 

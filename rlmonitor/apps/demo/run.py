@@ -88,6 +88,22 @@ def _environ(**values: str | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Torch's intra-op CPU threads set to ``n`` (0: left alone), restored afterwards."""
+    if not n:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
 def _quiet_libraries() -> Iterator[None]:
     """Hide library chatter that buries the demo's own output (deprecation warnings,
     weight-loading bars, per-step log dicts); keep the training progress bars."""
@@ -186,7 +202,8 @@ class _Demo:
                     "WANDB_SILENT": os.environ.get("WANDB_SILENT") or "true"}
         n_stages = 2 + len(self.methods)
         interrupted = False
-        with _environ(**env), _quiet_libraries():
+        threads = self.cfg.threads if self.device == "cpu" else 0
+        with _environ(**env), _quiet_libraries(), _torch_threads(threads):
             try:
                 self.stage(1, n_stages, "base model: tiny Qwen2 pretrained on addition (built once, then cached)")
                 self.build_base()
@@ -464,6 +481,7 @@ def run_demo(
     rl_lr: float = DEFAULT_LR,
     sft_lr: float = DEFAULT_LR,
     geometry_every: int | None = None,
+    threads: int = 1,
     console: Any = None,
 ) -> dict[str, Any]:
     """Run the demo (see the module docstring) and return the summary that was written
@@ -480,10 +498,12 @@ def run_demo(
         wandb: ``auto`` (online with credentials, else offline), ``online``, ``offline`` or ``off``.
         rl_lr, sft_lr: learning rates of the two fine-tunes.
         geometry_every: GeometryCallback interval (default: ``steps // 10``, at least 1).
+        threads: torch CPU threads while the demo runs on the CPU (0: torch's default).
         console: a ``rich.console.Console`` (default: stdout).
     """
     cfg = DemoConfig(out=str(out), steps=steps, seed=seed, sft=sft, device=device, pretrain_steps=pretrain_steps,
-                     wandb=wandb, rl_lr=rl_lr, sft_lr=sft_lr, geometry_every=geometry_every)
+                     wandb=wandb, rl_lr=rl_lr, sft_lr=sft_lr, geometry_every=geometry_every,
+                     threads=threads)
     if console is None:
         from rich.console import Console
 

@@ -187,3 +187,32 @@ def test_resumed_run_keeps_the_detector_state(tiny_model_path, tmp_path):
         assert got[-1]["collapse/detected"] == 1.0 and got[-1]["collapse/step"] == detected
         assert cb.status.step == detected and cb.errors == 0
         assert json.loads((out / "rlmonitor" / "summary.json").read_text())["collapse_step"] == detected
+
+
+def test_resume_without_a_matching_saved_state_warns_and_starts_fresh(tmp_path):
+    """The Trainer's own events on a real TrainingArguments / TrainerState: a state saved
+    at step 4 is restored; another config, or no file at all, warns and starts fresh."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    saver = CollapseCallback(CollapseConfig(**FAST))
+    saver.on_train_begin(args, TrainerState(global_step=0), TrainerControl())
+    for step in range(1, 5):
+        saver.on_log(args, TrainerState(global_step=step), TrainerControl(), logs={"entropy": 1.0, "loss": 0.5})
+    (tmp_path / "checkpoint-4").mkdir()
+    saver.on_save(args, TrainerState(global_step=4), TrainerControl())
+    assert (tmp_path / "checkpoint-4" / STATE_FILE).is_file()
+
+    same = CollapseCallback(CollapseConfig(**FAST))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a clean restore warns about nothing
+        same.on_train_begin(args, TrainerState(global_step=4), TrainerControl())
+    assert same.monitor.state_dict() == saver.monitor.state_dict()
+    other = CollapseCallback(CollapseConfig(warmup=4))
+    with pytest.warns(RuntimeWarning, match=r"state in .*checkpoint-4.* was not restored .*fresh warm-up"):
+        other.on_train_begin(args, TrainerState(global_step=4), TrainerControl())
+    assert other.monitor.detectors["entropy"][0].n == 0
+    missing = CollapseCallback(CollapseConfig(**FAST))
+    with pytest.warns(RuntimeWarning, match="resuming at step 8 without a saved collapse-detector state"):
+        missing.on_train_begin(args, TrainerState(global_step=8), TrainerControl())
+    assert missing.errors == 0 and missing.monitor.detectors["entropy"][0].n == 0

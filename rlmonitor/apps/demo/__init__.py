@@ -2,8 +2,9 @@
 
 :mod:`.config` (:class:`DemoConfig`, the recipe, W&B mode), :mod:`.verdict` (the paper's
 contrasts checked on the measured numbers), :mod:`.figures`, :mod:`.report`,
-:mod:`.runtime` (process settings of a run), :mod:`.run` (:func:`run_demo`) and :mod:`.cli` (``add_parser``). Nothing here imports
-torch, transformers or TRL at import time.
+:mod:`.runtime` (process settings of a run), :mod:`.run` (:func:`run_demo`) and
+:mod:`.cli` (``add_parser``). Nothing here imports torch, transformers or TRL at import
+time.
 """
 
 from .cli import add_parser

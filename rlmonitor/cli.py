@@ -14,8 +14,9 @@ import sys
 # sub-command name -> module that implements it
 _COMMANDS: dict[str, str] = {
     "compare": "rlmonitor.apps.compare.cli",
-    "demo": "rlmonitor.apps.demo.run",
+    "demo": "rlmonitor.apps.demo.cli",
     "sweep": "rlmonitor.apps.sweep.cli",
+    "train": "rlmonitor.apps.train",
 }
 
 

@@ -1,7 +1,8 @@
 """The program W&B sweeps launch: ``python sweeps/train.py --key=value ...``.
 
-A thin wrapper over :func:`rlmonitor.apps.train.main` (arguments:
-:class:`rlmonitor.apps.train.TrainArguments`).
+A thin wrapper over :func:`rlmonitor.apps.train.main`, the same program as
+``rlmonitor train`` (arguments: :class:`rlmonitor.apps.train.TrainArguments`;
+``python sweeps/train.py --help`` lists them).
 """
 
 import sys

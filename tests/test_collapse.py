@@ -877,3 +877,109 @@ def test_base_kl_healthy_monotonic_rise_is_not_a_spike():
     for step, v in enumerate([1.5] * 8, start=len(stream)):
         ok = healthy.update(step, {"kl/base_forward": v})
     assert ok.detected and ok.flags["kl_blowup"]
+
+
+# ---------------------------------------------------------------------------------------------
+# state_dict / load_state_dict: a resumed monitor continues exactly where it stopped
+# ---------------------------------------------------------------------------------------------
+
+
+def resumed(mon: CollapseMonitor, config: CollapseConfig | None = None) -> CollapseMonitor:
+    """A new monitor restored from ``mon``'s state after a strict-JSON round trip."""
+    import json
+
+    text = json.dumps(mon.state_dict(), allow_nan=False)
+    fresh = CollapseMonitor(config if config is not None else mon.config)
+    fresh.load_state_dict(json.loads(text))
+    return fresh
+
+
+def assert_same_run(logs: list[dict], split: int, config: CollapseConfig | None = None) -> list[CollapseStatus]:
+    """Feed ``logs`` to one monitor without interruption and to one interrupted at
+    ``split`` (state saved, restored into a new monitor): every later status and the
+    final states are identical. Returns the uninterrupted statuses."""
+    whole, first = CollapseMonitor(config), CollapseMonitor(config)
+    statuses = [whole.update(step, log) for step, log in enumerate(logs)]
+    for step, log in enumerate(logs[:split]):
+        first.update(step, log)
+    second = resumed(first)
+    if split:  # the restored status is the one after the last fed log (status never reports newly_detected)
+        assert repr(second.status) == repr(dataclasses.replace(statuses[split - 1], newly_detected=False))
+    for step, log in enumerate(logs[split:], start=split):
+        assert repr(second.update(step, log)) == repr(statuses[step]), step  # repr: NaN equals NaN
+    assert second.state_dict() == whole.state_dict()
+    return statuses
+
+
+def test_state_round_trip_mid_warmup_before_and_after_detection():
+    logs, t0 = reward_collapse_run()
+    statuses = assert_same_run(logs, 5)  # inside the warm-up
+    first = next(i for i, s in enumerate(statuses) if s.detected)
+    assert first > t0 and statuses[first].flags["reward_collapse"]
+    for split in (t0, first - 2, first, first + 1, len(logs) - 1):  # around the detection, and after it
+        assert_same_run(logs, split)
+
+
+def test_restored_state_is_what_a_fresh_monitor_lacks():
+    """Without the restored state the same tail is judged from a fresh warm-up: the
+    collapse the uninterrupted monitor sees is missed, a latched detection is lost."""
+    logs, t0 = reward_collapse_run()
+    whole = CollapseMonitor()
+    statuses = [whole.update(step, log) for step, log in enumerate(logs)]
+    detected_at = statuses[-1].step
+    fresh = CollapseMonitor()
+    tail = [fresh.update(step, log) for step, log in enumerate(logs[t0:], start=t0)]
+    assert not tail[-1].detected  # a fresh warm-up on the collapsed tail sees no fall
+    first = CollapseMonitor()
+    for step, log in enumerate(logs[: detected_at + 1]):
+        first.update(step, log)
+    second = resumed(first)
+    s = second.update(detected_at + 1, logs[detected_at + 1])
+    assert s.detected and s.step == detected_at and not s.newly_detected
+    assert s.reasons == statuses[-1].reasons[: len(s.reasons)] and s.context == statuses[-1].context
+
+
+def test_state_round_trip_every_detector_and_non_finite_values():
+    """Entropy, KL (ceiling and spike), grad spikes and NaN/Inf values (strict JSON)."""
+    rng = random.Random(3)
+    logs = []
+    for t in range(160):
+        logs.append({
+            "entropy": 1.0 if t < 60 else 0.05, "kl": 0.01 * (1 + rng.random()) * (40 if t > 100 else 1),
+            "kl/base_forward": 0.001 * t, "grad_norm": math.exp(rng.gauss(0, 0.3)) * (50 if t > 120 else 1),
+            "loss": INF if t == 150 else 0.1, "reward_std": NAN if t % 7 == 0 else 0.2,
+        })  # fmt: skip
+    statuses = assert_same_run(logs, 80)
+    assert {"entropy_collapse", "kl_blowup", "nonfinite"} <= {d for d, f in statuses[-1].flags.items() if f}
+    assert_same_run(logs, 130)
+    assert_same_run(logs, 155)  # after the Inf loss was recorded in the context
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.dictionaries(st.sampled_from(["reward", "entropy", "kl", "grad_norm", "loss", "reward_std"]),
+                        st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32), st.none()), max_size=6),
+        min_size=1, max_size=50,
+    ),
+    st.data(),
+)  # fmt: skip
+def test_state_round_trip_any_stream(logs, data):
+    split = data.draw(st.integers(min_value=0, max_value=len(logs)))
+    assert_same_run(logs, split, CollapseConfig(warmup=3, patience=2, baseline_window=5, despike_window=2))
+
+
+def test_load_state_refuses_another_config_or_garbage_and_changes_nothing():
+    mon = CollapseMonitor()
+    for step in range(20):
+        mon.update(step, {"reward": 0.1 * step, "loss": 1.0})
+    state = mon.state_dict()
+    other = CollapseMonitor(CollapseConfig(warmup=5))
+    before = other.state_dict()
+    with pytest.raises(ValueError, match=r"different CollapseConfig \(fields \['warmup'\]"):
+        other.load_state_dict(state)
+    for bad in ({}, {"version": 99}, "state", {**state, "detectors": {"reward": []}},
+                {**state, "flags": None}):  # fmt: skip
+        with pytest.raises(ValueError):
+            mon.load_state_dict(bad)
+    assert other.state_dict() == before and mon.state_dict() == state

@@ -121,11 +121,24 @@ def test_demo_end_to_end(demo_env, cache_dir):
 
 
 @pytest.mark.slow
-def test_demo_no_sft_skips_sft(demo_env):
+def test_demo_no_sft_skips_sft(demo_env, monkeypatch):
+    import torch
+
+    from rlmonitor.callbacks.geometry import GeometryCallback
+
+    original, threads = GeometryCallback.on_step_end, set()
+
+    def recording(self, *args, **kwargs):
+        threads.add(torch.get_num_threads())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GeometryCallback, "on_step_end", recording)
+    before = torch.get_num_threads()
     out = demo_env / "demo"
     rc = main(["demo", "--steps", "2", "--pretrain-steps", PRETRAIN_STEPS, "--out", str(out),
-               "--wandb", "off", "--no-sft"])
+               "--wandb", "off", "--no-sft", "--device", "cpu"])
     assert rc == 0
+    assert threads == {1} and torch.get_num_threads() == before  # --threads 1 (default) for the run only
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["methods"]) == ["rlvr"]
     assert not (out / "sft").exists()
@@ -268,3 +281,20 @@ def test_wandb_mode_resolution(monkeypatch, tmp_path):
     (tmp_path / "netrc").unlink()
     monkeypatch.setenv("WANDB_API_KEY", "b" * 40)
     assert resolve_wandb_mode("auto") == "online"
+
+
+def test_demo_config_fields_have_help_and_errors_name_class_field_value_and_fix():
+    import dataclasses
+
+    from rlmonitor.apps.demo import DemoConfig
+
+    assert all(f.metadata.get("help") for f in dataclasses.fields(DemoConfig))
+    for kw, message in (({"steps": 0}, "DemoConfig.steps=0 is invalid: use a positive integer"),
+                        ({"wandb": "cloud"}, "DemoConfig.wandb='cloud' is invalid: choose 'auto', 'online'"),
+                        ({"rl_lr": float("nan")}, "DemoConfig.rl_lr=nan is invalid: use a finite number in (0, inf)"),
+                        ({"pretrain_steps": -1}, "DemoConfig.pretrain_steps=-1 is invalid: use a non-negative integer"),
+                        ({"geometry_every": 0}, "DemoConfig.geometry_every=0 is invalid: use a positive integer")):  # fmt: skip
+        with pytest.raises(ValueError) as err:
+            DemoConfig(**kw)
+        assert str(err.value).startswith(message)
+    assert DemoConfig(steps=25).every == 2 and DemoConfig(geometry_every=7).every == 7

@@ -237,13 +237,49 @@ def test_build_base_model_saves_and_caches(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("should have been cached")
 
-    monkeypatch.setattr(toy, "pretrain", boom)
+    monkeypatch.setattr(toy.base, "pretrain", boom)  # the name build_base_model calls
     assert build_base_model(path, pretrain_steps=0) == path
     # Different configs or force: rebuilt.
     with pytest.raises(AssertionError, match="cached"):
         build_base_model(path, pretrain_steps=0, model_config=TinyModelConfig(seed=1))
     with pytest.raises(AssertionError, match="cached"):
         build_base_model(path, pretrain_steps=0, force=True)
+
+
+def test_toy_version_is_part_of_the_cache_key(tmp_path, monkeypatch):
+    """Bumping TOY_VERSION (a changed recipe) makes cached bases stale: a new folder is built."""
+    monkeypatch.setenv("RLMONITOR_CACHE", str(tmp_path))
+    old = build_base_model(pretrain_steps=0)
+    assert read_base_info(old)["toy_version"] == toy.TOY_VERSION
+    monkeypatch.setattr(toy.base, "TOY_VERSION", toy.TOY_VERSION + 1)
+    new = build_base_model(pretrain_steps=0)
+    assert new != old and new.parent == old.parent and read_base_info(new)["toy_version"] == toy.TOY_VERSION + 1
+
+
+def test_public_names_import_from_the_package():
+    """The split into modules keeps `from rlmonitor.toy import X` working for every public X."""
+    names = {"BOS_TOKEN", "EOS_TOKEN", "PAD_TOKEN", "UNK_TOKEN", "INFO_FILE", "TOY_VERSION", "ArithmeticTaskConfig",
+             "PretrainConfig", "TinyModelConfig", "arithmetic_reward", "build_base_model", "build_tiny_model",
+             "build_tokenizer", "config_hash", "default_cache_dir", "evaluate_accuracy", "load_base_model",
+             "make_dataset", "parse_first_int", "pretrain", "read_base_info"}  # fmt: skip
+    assert names == set(toy.__all__)
+    for name in names:
+        exec(f"from rlmonitor.toy import {name}", {})
+    # the defaults hash as before the split: cached bases stay valid
+    assert config_hash() == "b1122b49b26f" and config_hash(pretrain_config=PretrainConfig(steps=0)) == "19f9b086b641"
+
+
+@pytest.mark.parametrize(("cls", "kw", "message"), [
+    (TinyModelConfig, {"hidden_size": 0}, "TinyModelConfig.hidden_size=0 is invalid: use a positive integer"),
+    (TinyModelConfig, {"num_kv_heads": 3}, "TinyModelConfig.num_kv_heads=3 is invalid: use a divisor of num_heads=4"),
+    (ArithmeticTaskConfig, {"max_operand": -1}, "ArithmeticTaskConfig.max_operand=-1 is invalid: use an integer >= "),
+    (PretrainConfig, {"lr": 0.0}, "PretrainConfig.lr=0.0 is invalid: use a finite number in (0, inf)"),
+    (PretrainConfig, {"target_accuracy": 1.5}, "PretrainConfig.target_accuracy=1.5 is invalid: use a fraction"),
+])  # fmt: skip
+def test_toy_config_errors_name_class_field_value_and_fix(cls, kw, message):
+    with pytest.raises(ValueError) as err:
+        cls(**kw)
+    assert str(err.value).startswith(message)
 
 
 def test_build_base_model_default_path(tmp_path, monkeypatch):

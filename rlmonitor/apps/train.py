@@ -1,9 +1,15 @@
-"""GRPO training entry point with rlmonitor attached (the program W&B sweeps launch).
+"""``rlmonitor train``: a GRPO run with rlmonitor attached (also the program W&B sweeps
+launch as ``python sweeps/train.py``; both take the same arguments).
 
-One dataclass of arguments, parsed with ``transformers.HfArgumentParser`` so the
-``--key=value`` pairs of a sweep's ``${args}`` map onto fields::
+One dataclass of arguments, :class:`TrainArguments`; every field is a ``--field``
+option (``rlmonitor.core.fields.add_dataclass_arguments``), so the ``--key=value``
+pairs of a sweep's ``${args}`` map onto fields::
 
+    rlmonitor train --adapter=pissa --learning_rate=5.0e-4 --lora_rank=8
     python sweeps/train.py --adapter=pissa --learning_rate=5.0e-4 --lora_rank=8
+
+Booleans take ``--flag`` (true), ``--flag=true|false`` and ``--no_flag`` (false). A bad
+value is one error line and exit code 2, before anything runs.
 
 Defaults run offline on a CPU: the built-in tiny Qwen2 model (pretrained once on
 a synthetic arithmetic task and cached) and that task's verifiable reward. For a
@@ -20,80 +26,90 @@ At the end ``<output_dir>/run_summary.json`` holds what sweep tables compare:
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import re
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, NoReturn
 
-__all__ = ["TrainArguments", "gsm8k_reward", "main", "run"]
+from rlmonitor.core import keys
+from rlmonitor.core.fields import Check, add_dataclass_arguments, dataclass_from_args, help_field
 
-
-def _help(text: str, **kw) -> dict:
-    return {"metadata": {"help": text}, **kw}
+__all__ = ["TrainArguments", "add_parser", "build_parser", "gsm8k_reward", "main", "parse_args", "run"]
 
 
 @dataclass
 class TrainArguments:
-    """Arguments of ``rlmonitor.train`` (every field is a ``--flag``)."""
+    """Arguments of ``rlmonitor train`` / ``python sweeps/train.py`` (every field is a ``--flag``)."""
 
-    model_name_or_path: str | None = field(default=None, **_help("Model path or hub id; default: the built-in tiny arithmetic model (built and cached on first use)."))
-    dataset: str = field(default="arithmetic", **_help("'arithmetic' (built-in synthetic task), a hub id, or a local .json/.jsonl/.parquet/.csv file with GSM8K-style 'question'/'answer' columns (or 'prompt'/'answer')."))
-    dataset_config: str | None = field(default=None, **_help("Hub data set config name (e.g. 'main' for gsm8k)."))
-    dataset_split: str = field(default="train", **_help("Data set split."))
-    num_train_samples: int = field(default=2048, **_help("Synthetic problems to generate (arithmetic) or rows to keep."))
-    adapter: Literal["lora", "pissa", "none"] = field(default="lora", **_help("'lora' (B=0 init), 'pissa' (principal init) or 'none' (full fine-tuning)."))
-    lora_rank: int = field(default=8, **_help("Adapter rank r."))
-    lora_alpha: float | None = field(default=None, **_help("Adapter alpha (default 2 * rank)."))
-    learning_rate: float = field(default=1.0e-4, **_help("Peak learning rate."))
-    max_steps: int = field(default=60, **_help("Optimizer steps."))
-    per_device_train_batch_size: int = field(default=32, **_help("Completions per device per step (prompts per step = this / num_generations)."))
-    num_generations: int = field(default=8, **_help("Completions per prompt (GRPO group size)."))
-    max_completion_length: int = field(default=8, **_help("Completion tokens."))
-    temperature: float = field(default=1.0, **_help("Sampling temperature."))
-    beta: float = field(default=0.0, **_help("KL penalty of GRPO (TRL default 0.0: no reference model)."))
-    seed: int = field(default=0, **_help("Seed."))
-    output_dir: str = field(default="outputs/grpo", **_help("Where checkpoints, rlmonitor files and run_summary.json go."))
-    report_to: str = field(default="wandb", **_help("'wandb' or 'none'."))
-    wandb_project: str = field(default="rlmonitor", **_help("W&B project (when not set by a sweep)."))
-    run_name: str | None = field(default=None, **_help("W&B run name (default: adapter-lr-rank-seed)."))
-    geometry_every: int = field(default=5, **_help("GeometryCallback interval in optimizer steps."))
-    geometry_k: int = field(default=8, **_help("Top-k rank for principal angles."))
-    kl_probe: bool = field(default=True, **_help("Measure KL to the base policy on a fixed probe."))
-    stop_on_collapse: bool = field(default=True, **_help("Stop the run when collapse is detected."))
-    collapse_warmup: int = field(default=5, **_help("Observations of a metric before its collapse detector judges it."))
-    collapse_patience: int = field(default=3, **_help("Consecutive observations a collapse condition must hold."))
-    collapse_kl_ceiling_mode: Literal["absolute", "above_start"] = field(default="absolute", **_help("KL ceiling relative to 0 ('absolute': kl/base_forward starts at 0 by construction) or to the KL's warm-up level."))
-    device: Literal["auto", "cpu", "cuda"] = field(default="auto", **_help("Training device."))
-    use_vllm: bool = field(default=False, **_help("Generate with vLLM (GPU; needs the 'vllm' extra)."))
-    logging_steps: int = field(default=1, **_help("Trainer logging interval."))
+    model_name_or_path: str | None = help_field("Model path or hub id; default: the built-in tiny arithmetic model (built and cached on first use).", default=None)
+    dataset: str = help_field("'arithmetic' (built-in synthetic task), a hub id, or a local .json/.jsonl/.parquet/.csv file with GSM8K-style 'question'/'answer' columns (or 'prompt'/'answer').", default="arithmetic")
+    dataset_config: str | None = help_field("Hub data set config name (e.g. 'main' for gsm8k).", default=None)
+    dataset_split: str = help_field("Data set split.", default="train")
+    num_train_samples: int = help_field("Synthetic problems to generate (arithmetic) or rows to keep.", default=2048)
+    adapter: Literal["lora", "pissa", "none"] = help_field("'lora' (B=0 init), 'pissa' (principal init) or 'none' (full fine-tuning).", default="lora")
+    lora_rank: int = help_field("Adapter rank r.", default=8)
+    lora_alpha: float | None = help_field("Adapter alpha (default 2 * rank).", default=None)
+    learning_rate: float = help_field("Peak learning rate.", default=1.0e-4)
+    max_steps: int = help_field("Optimizer steps.", default=60)
+    per_device_train_batch_size: int = help_field("Completions per device per step (prompts per step = this / num_generations).", default=32)
+    num_generations: int = help_field("Completions per prompt (GRPO group size).", default=8)
+    max_completion_length: int = help_field("Completion tokens.", default=8)
+    temperature: float = help_field("Sampling temperature.", default=1.0)
+    beta: float = help_field("KL penalty of GRPO (TRL default 0.0: no reference model).", default=0.0)
+    seed: int = help_field("Seed.", default=0)
+    output_dir: str = help_field("Where checkpoints, rlmonitor files and run_summary.json go.", default="outputs/grpo")
+    report_to: Literal["wandb", "none"] = help_field("'wandb' or 'none'.", default="wandb")
+    wandb_project: str = help_field("W&B project (when not set by a sweep).", default="rlmonitor")
+    run_name: str | None = help_field("W&B run name (default: adapter-lr-rank-seed).", default=None)
+    geometry_every: int = help_field("GeometryCallback interval in optimizer steps.", default=5)
+    geometry_k: int = help_field("Top-k rank for principal angles.", default=8)
+    kl_probe: bool = help_field(f"Measure the KL to the base policy on a fixed probe ({keys.KL_FORWARD}).",
+                                default=True)
+    stop_on_collapse: bool = help_field("Stop the run when collapse is detected.", default=True)
+    collapse_warmup: int = help_field("Observations of a metric before its collapse detector judges it.", default=5)
+    collapse_patience: int = help_field("Consecutive observations a collapse condition must hold.", default=3)
+    collapse_kl_ceiling_mode: Literal["absolute", "above_start"] = help_field(f"KL ceiling relative to 0 ('absolute': {keys.KL_FORWARD} starts at 0 by construction) or to the KL's warm-up level.", default="absolute")
+    device: Literal["auto", "cpu", "cuda"] = help_field("Training device.", default="auto")
+    use_vllm: bool = help_field("Generate with vLLM (GPU; needs the 'vllm' extra).", default=False)
+    logging_steps: int = help_field("Trainer logging interval.", default=1)
+
+    #: what each boolean's ``--no_<flag>`` does (its command-line help)
+    NO_FLAG_HELP: ClassVar[dict[str, str]] = {
+        "kl_probe": "Do not measure the KL to the base policy",
+        "stop_on_collapse": "Keep training after a collapse is detected; it is still logged",
+        "use_vllm": "Generate with transformers' generate, not vLLM",
+    }
 
     def __post_init__(self) -> None:
-        def bad(name: str, fix: str) -> ValueError:
-            return ValueError(f"--{name}={getattr(self, name)!r} is invalid: {fix}")
-
+        check = Check(self)
         for name in ("learning_rate", "temperature"):
-            v = getattr(self, name)
-            if isinstance(v, str):  # a YAML 1.1 '1e-5' arrives as a string
-                raise bad(name, "write a float such as 1.0e-5 (YAML reads 1e-5 as a string)")
-            if not isinstance(v, (int, float)) or not v > 0:
-                raise bad(name, "use a positive number")
+            if isinstance(getattr(self, name), str):  # a YAML 1.1 '1e-5' arrives as a string
+                raise check.fail(name, "write a float such as 1.0e-5 (YAML reads 1e-5 as a string)")
+            check.number(name, 0.0, lo_open=True)
         for name in ("lora_rank", "max_steps", "per_device_train_batch_size", "num_generations",
-                     "max_completion_length", "geometry_every", "num_train_samples", "geometry_k", "logging_steps"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise bad(name, "use a positive integer")
-        if self.adapter not in ("lora", "pissa", "none"):
-            raise bad("adapter", "choose lora, pissa or none")
+                     "max_completion_length", "geometry_every", "num_train_samples", "geometry_k", "logging_steps",
+                     "collapse_patience"):  # fmt: skip
+            check.integer(name)
+        check.integer("collapse_warmup", 3, fix="use an integer >= 3 (CollapseConfig.warmup's minimum)")
+        check.integer("seed", 0)
+        check.number("lora_alpha", 0.0, lo_open=True, optional=True)
+        check.number("beta", 0.0, fix="use a non-negative KL coefficient")
+        for name in ("kl_probe", "stop_on_collapse", "use_vllm"):
+            check.boolean(name)
+        check.choice("adapter", ("lora", "pissa", "none"))
+        check.choice("report_to", ("wandb", "none"))
+        check.choice("collapse_kl_ceiling_mode", ("absolute", "above_start"))
+        check.choice("device", ("auto", "cpu", "cuda"))
+        for name in ("dataset", "dataset_split", "output_dir", "wandb_project"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                raise check.fail(name, "give a non-empty string")
         if self.per_device_train_batch_size % self.num_generations:
-            raise bad("per_device_train_batch_size", f"make it a multiple of num_generations={self.num_generations}")
-        if self.report_to not in ("wandb", "none"):
-            raise bad("report_to", "choose wandb or none")
-        if self.beta < 0:
-            raise bad("beta", "use a non-negative KL coefficient")
+            raise check.fail("per_device_train_batch_size", f"make it a multiple of num_generations={self.num_generations}")
 
 
 # -- data ---------------------------------------------------------------------
@@ -263,18 +279,73 @@ def run(args: TrainArguments) -> dict[str, Any]:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    from transformers import HfArgumentParser
+def _one_line_error(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Bad input: one ``<prog>: error: ...`` line on stderr and exit code 2 (no usage dump),
+    unknown options included (as a sub-command, argparse would leave those to the
+    ``rlmonitor`` parser, which prints its own usage)."""
 
-    parser = HfArgumentParser(TrainArguments)
+    def error(message: str) -> NoReturn:
+        parser.exit(2, f"{parser.prog}: error: {message} (see --help)\n")
+
+    parse_known = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        ns, extras = parse_known(args, namespace)
+        if extras:
+            error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns, extras
+
+    parser.error = error  # type: ignore[method-assign]
+    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
+    return parser
+
+
+_DESCRIPTION = ("Run GRPO with GeometryCallback and collapse detection attached (the program W&B sweeps launch; "
+                "`python sweeps/train.py` takes the same arguments). Defaults: the built-in tiny arithmetic model "
+                "and task, offline on a CPU.")  # fmt: skip
+
+
+def build_parser(prog: str = "rlmonitor train") -> argparse.ArgumentParser:
+    """The standalone parser of :class:`TrainArguments` (``python sweeps/train.py``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=_DESCRIPTION)
+    add_dataclass_arguments(parser, TrainArguments)
+    return _one_line_error(parser)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``rlmonitor train`` (the same options as :func:`build_parser`)."""
+    p = subparsers.add_parser("train", help="GRPO with rlmonitor attached (the sweep program; tiny offline defaults)",
+                              description=_DESCRIPTION,
+                              epilog="example: rlmonitor train --max_steps=20 --report_to=none")  # fmt: skip
+    add_dataclass_arguments(p, TrainArguments)
+    p.set_defaults(func=lambda ns: _run_cli(p, ns))
+    return _one_line_error(p)
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "rlmonitor train") -> TrainArguments:
+    """:class:`TrainArguments` from a command line; bad input exits with code 2 and one line."""
+    parser = build_parser(prog)
+    ns = parser.parse_args(argv)
     try:
-        (args,) = parser.parse_args_into_dataclasses(args=argv if argv is not None else sys.argv[1:])
+        return dataclass_from_args(TrainArguments, ns)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        parser.error(str(e))
+
+
+def _run_cli(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
+    try:
+        args = dataclass_from_args(TrainArguments, ns)
+    except ValueError as e:
+        parser.error(str(e))
     summary = run(args)
     print(json.dumps({k: v for k, v in summary.items() if k != "args"}, indent=2))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python sweeps/train.py [--field=value ...]``."""
+    parser = build_parser(prog="sweeps/train.py")
+    return _run_cli(parser, parser.parse_args(argv if argv is not None else sys.argv[1:]))
 
 
 if __name__ == "__main__":

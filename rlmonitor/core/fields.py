@@ -44,14 +44,23 @@ class Check:
     """Validation of one config object; each method checks (and normalises) one field.
 
     Errors are ``ValueError`` s of one form: ``<Class>.<field>=<value!r> is invalid: <fix>``.
+    With ``sentence=True`` they read ``<field> must be <requirement>, got <value!r>; <fix>
+    (<Class>.<field>)`` instead (the form :class:`~rlmonitor.core.collapse.CollapseConfig`
+    has always used; its messages start with the field name).
     """
 
-    def __init__(self, obj: Any, label: str | None = None) -> None:
+    def __init__(self, obj: Any, label: str | None = None, *, sentence: bool = False) -> None:
         self.obj = obj
         self.label = label if label is not None else type(obj).__name__ + "."
+        self.sentence = sentence
 
-    def fail(self, name: str, fix: str) -> ValueError:
-        return ValueError(f"{self.label}{name}={getattr(self.obj, name)!r} is invalid: {fix}")
+    def fail(self, name: str, fix: str, requirement: str | None = None) -> ValueError:
+        """The error for field ``name``: what to do (``fix``) and, for the sentence form,
+        what the field must be (``requirement``)."""
+        value = getattr(self.obj, name)
+        if self.sentence and requirement:
+            return ValueError(f"{name} must be {requirement}, got {value!r}; {fix} ({type(self.obj).__name__}.{name})")
+        return ValueError(f"{self.label}{name}={value!r} is invalid: {fix}")
 
     def _get(self, name: str) -> Any:
         return getattr(self.obj, name)
@@ -62,7 +71,8 @@ class Check:
             return
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             what = "a positive integer" if lo == 1 else "a non-negative integer" if lo == 0 else f"an integer >= {lo}"
-            raise self.fail(name, fix or f"use {what}" + (", or None" if optional else ""))
+            what += ", or None" if optional else ""
+            raise self.fail(name, fix or f"use {what}", what)
 
     def number(
         self,
@@ -83,31 +93,45 @@ class Check:
         if ok:
             ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
         if not ok:
-            lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
+            lb = "(" if lo_open or math.isinf(lo) else "["
+            rb = ")" if hi_open or math.isinf(hi) else "]"
             rng = f"{lb}{lo:g}, {hi:g}{rb}"
-            raise self.fail(name, fix or f"use a finite number in {rng}")
+            raise self.fail(name, fix or f"use a finite number in {rng}", f"in {rng}")
         setattr(self.obj, name, float(v) if isinstance(v, float) else v)
 
     def choice(self, name: str, choices: Sequence[Any], fix: str | None = None) -> None:
         v = self._get(name)
         if v not in tuple(choices):
-            raise self.fail(name, fix or "choose " + ", ".join(repr(c) for c in choices))
+            listed = ", ".join(repr(c) for c in choices)
+            raise self.fail(name, fix or "choose " + listed, "one of " + listed)
 
     def boolean(self, name: str) -> None:
         if not isinstance(self._get(name), bool):
-            raise self.fail(name, "use True or False")
+            raise self.fail(name, "use True or False", "True or False")
 
-    def strings(self, name: str, *, optional: bool = False, allow_empty: bool = False, fix: str | None = None) -> None:
-        """A sequence of non-empty strings, normalised to a tuple (a bare string is one item)."""
+    def strings(
+        self,
+        name: str,
+        *,
+        optional: bool = False,
+        allow_empty: bool = False,
+        bare: bool = True,
+        fix: str | None = None,
+    ) -> None:
+        """A sequence of non-empty strings, normalised to a tuple. A bare string is one
+        item, unless ``bare=False``: then it is an error (``['reward']`` was meant)."""
         v = self._get(name)
         if v is None and optional:
             return
+        what = "a list of non-empty strings"
         if isinstance(v, str):
+            if not bare:
+                raise self.fail(name, f"write [{v!r}] (a bare string would be read as a list of characters)", what)
             v = (v,)
         if not isinstance(v, (list, tuple)) or any(not isinstance(s, str) or not s.strip() for s in v):
-            raise self.fail(name, fix or "give a list of non-empty strings")
+            raise self.fail(name, fix or "give a list of non-empty strings", what)
         if not v and not allow_empty:
-            raise self.fail(name, fix or "give at least one string")
+            raise self.fail(name, fix or "give at least one string", what)
         setattr(self.obj, name, tuple(v))
 
     def regexes(self, name: str, *, allow_empty: bool = True) -> None:
@@ -117,7 +141,8 @@ class Check:
             try:
                 re.compile(pattern)
             except re.error as e:
-                raise self.fail(name, f"pattern {pattern!r} is not a valid regex ({e})") from None
+                raise self.fail(name, f"pattern {pattern!r} is not a valid regex ({e})",
+                                "a list of valid regular expressions") from None
 
     def folder_name(self, name: str) -> None:
         """A relative folder path that stays inside its parent: no absolute path, no '..'."""
@@ -133,7 +158,8 @@ class Check:
             or any(p in ("..", "") for p in parts)
             or "\\" in v
         ):
-            raise self.fail(name, "use a plain relative folder name such as 'rlmonitor' (no '..', no absolute path)")
+            raise self.fail(name, "use a plain relative folder name such as 'rlmonitor' (no '..', no absolute path)",
+                            "a relative folder name inside its parent")
 
 
 # -- command lines ----------------------------------------------------------------------
@@ -160,18 +186,23 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one ``--<field>`` option per field of ``cls`` (int, float, str, bool, Literal,
     each optionally ``| None``). Booleans take ``--flag``, ``--flag=true/false`` and
-    ``--no_flag``. Defaults are the dataclass's; the dataclass validates the values."""
+    ``--no_flag``; the help of ``--no_flag`` is ``cls.NO_FLAG_HELP[flag]`` when the class
+    has such a mapping (say what False means; kept out of the field metadata, which
+    ``transformers.HfArgumentParser`` passes to argparse). Defaults are the dataclass's;
+    the dataclass validates the values."""
     hints = typing.get_type_hints(cls)
+    no_flag_help = getattr(cls, "NO_FLAG_HELP", {})
     for f in dataclasses.fields(cls):
         tp, optional = _unwrap_optional(hints[f.name])
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         default = f.default if f.default is not dataclasses.MISSING else None
         kw: dict[str, Any] = {"dest": f.name, "default": default}
         if tp is bool:
+            off = no_flag_help.get(f.name, "").replace("%", "%%") or f"Set {f.name} to False."
             parser.add_argument(f"--{f.name}", type=_str2bool, nargs="?", const=True, metavar="BOOL",
-                                help=f"{help_text} (default: {default})", **kw)  # fmt: skip
+                                help=f"{help_text} (default: {default}; a bare --{f.name} means true)", **kw)  # fmt: skip
             parser.add_argument(f"--no_{f.name}", action="store_false", dest=f.name,
-                                help=f"set {f.name} to False", default=argparse.SUPPRESS)  # fmt: skip
+                                help=f"{off} (same as --{f.name}=false)", default=argparse.SUPPRESS)  # fmt: skip
             continue
         if typing.get_origin(tp) is Literal:
             choices = typing.get_args(tp)

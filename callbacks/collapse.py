@@ -108,6 +108,9 @@ class CollapseCallback(TrainerCallback):
         self._folder = Path(args.output_dir) / self.output_subdir
         try:
             self.local = LocalSink.for_folder(self._folder)
+            if not self._folder.is_dir():  # the sink fails alone; say so here once, and stop using it
+                raise NotADirectoryError(f"{self._folder} is not a folder and cannot be created")
+            self.local.begin(state.global_step, state)  # one clean history (shared with GeometryCallback)
         except Exception as e:  # e.g. an unwritable output folder: W&B logging still works
             self.local = None
             self._fail(f"writing local records to {self._folder}", e)

@@ -149,7 +149,7 @@ def test_unwritable_rlmonitor_folder_does_not_stop_training(tiny_model_path, tmp
 
 
 def collapse_rows(path, after: int) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "time"} for r in read_jsonl(path)
+    return [{k: v for k, v in r.items() if k not in ("time", "run_id", "segment")} for r in read_jsonl(path)
             if "collapse/detected" in r and r["step"] > after]  # fmt: skip
 
 

@@ -240,11 +240,13 @@ def test_slow_base_save_keeps_the_kl_probe_with_the_base(tiny_model_path, tmp_pa
 class BreakLocalFiles(TrainerCallback):
     """From ``at`` on, metrics.jsonl and matrices.jsonl are directories (fails for root too)."""
 
-    def __init__(self, folder: Path, at: int) -> None:
-        self.folder, self.at = folder, at
+    def __init__(self, folder: Path, at: int, geometry=None) -> None:
+        self.folder, self.at, self.geometry = folder, at, geometry
 
     def on_step_begin(self, args, state, control, **kw):
         if state.global_step + 1 == self.at:
+            if self.geometry is not None:  # deterministic on a loaded machine: what was queued is written first
+                self.geometry.monitor.worker.flush(60)
             for name in ("metrics.jsonl", "matrices.jsonl"):
                 path = self.folder / name
                 if path.exists():
@@ -258,7 +260,7 @@ def test_unwritable_local_files_keep_wandb_records_and_kl_snapshots(tiny_model_p
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     out = tmp_path / "run"
     cb = GeometryCallback(every_n_steps=1, k=4, kl=PROBE, plot_every_n_snapshots=0)
-    tr = trainer(tiny_model_path, out, [BreakLocalFiles(out / "rlmonitor", at=3), cb], max_steps=6,
+    tr = trainer(tiny_model_path, out, [BreakLocalFiles(out / "rlmonitor", at=3, geometry=cb), cb], max_steps=6,
                  report_to="wandb", run_name="local-broken")  # fmt: skip
     with pytest.warns(RuntimeWarning, match="local files"):
         tr.train()

@@ -107,7 +107,7 @@ def test_sigkill_resume_rerun_and_torn_tail_keep_one_history(procs, tiny_model_p
     mats_aside = [json.loads(x) for name, ls in aside.items() if name.startswith("matrices.") for x in ls]
     assert sorted({m["step"] for m in mats_aside}) == [5, 6, 7]
     # readers see the one clean history
-    from rlmonitor.apps.demo.run import final_values, values_at
+    from rlmonitor.apps.demo import final_values, values_at
     from rlmonitor.apps.train import summarize
 
     assert read_jsonl(rlm / "metrics.jsonl") == rows

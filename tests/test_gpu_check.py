@@ -97,3 +97,34 @@ def test_bad_options_are_refused_before_anything_runs(tmp_path):
     proc = run_check(tmp_path, "--only", "nonsense", "--out", str(tmp_path / "r"), timeout=60)
     assert proc.returncode == 2 and "unknown part(s) ['nonsense']" in proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_a_part_past_its_timeout_is_killed_and_keeps_its_output(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks" / "gpu"))
+    try:
+        import check
+    finally:
+        sys.path.pop(0)
+    console = check.Console(tmp_path / "log")
+    code = "import time; print('started', flush=True); time.sleep(60)"
+    out = check.run_command([sys.executable, "-c", code], 2.0, console, "sleeper", dict(os.environ))
+    console.close()
+    assert out.timed_out and out.returncode is not None and out.seconds < 30
+    assert out.lines == ["started"] and "sleeper | started" in (tmp_path / "log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the failures of --device cuda without a GPU")
+def test_failing_parts_are_recorded_and_the_others_still_run(tmp_path):
+    """Without a GPU, --device cuda fails the env part; the tests still run after it."""
+    proc = run_check(tmp_path, "--device", "cuda", "--dry-run", "--only", "env,cuda_tests",
+                     "--out", str(tmp_path / "r"), timeout=120)  # fmt: skip
+    results = json.loads((tmp_path / "r" / "gpu-check.json").read_text())
+    parts = results["parts"]
+    assert proc.returncode == 1
+    assert parts["env"]["status"] == "failed" and "torch.cuda.is_available() is False" in parts["env"]["error_tail"]
+    assert parts["cuda_tests"]["status"] == "ok" and parts["cuda_tests"]["result"]["skipped"] >= 1
+    assert parts["masks"]["status"] == "skipped" and parts["masks"]["note"] == "not in --only"
+    assert "(on a GPU machine: investigate)" in results["verdicts"]["cuda_tests"]
+    summary = (tmp_path / "r" / "gpu-check-summary.txt").read_text()
+    assert "env                failed" in summary and "error tail:" in summary

@@ -105,7 +105,8 @@ def run_command(cmd: list[str], timeout: float, console: Console, name: str, env
 
 
 def tail(lines: list[str], n: int, limit: int = 6000) -> str:
-    return "\n".join(lines[-n:])[-limit:]
+    """The last ``n`` lines (each cut at 400 characters), at most ``limit`` characters."""
+    return "\n".join(x if len(x) <= 400 else x[:400] + " [...]" for x in lines[-n:])[-limit:]
 
 
 def run_part(part: P.Part, ctx: P.Context, timeout: float, console: Console) -> dict:

@@ -96,6 +96,7 @@ def _fmt_overhead(r: dict) -> list[str]:
     for key in ("geometry_overhead", "geometry_kl_overhead", "kl_share_of_step"):
         if key in s:
             lines.append(f"{key}: {s[key]:+.2%}")
+    lines += _step_split(runs, cfg)
     geo = [x for x in runs if x.get("variant") != "none"]
     if geo:
         lines.append("callback train start (base copy, + KL probe setup): "
@@ -109,6 +110,26 @@ def _fmt_overhead(r: dict) -> list[str]:
     return lines
 
 
+def _step_split(runs: list[dict], cfg: dict) -> list[str]:
+    """Where the overhead sits: snapshot steps vs the other steps (worker contention)."""
+    interval, warmup, steps = cfg.get("interval"), cfg.get("warmup", 0), cfg.get("steps")
+    if not (interval and steps):
+        return []
+    split: dict[str, tuple[list[float], list[float]]] = {}
+    for x in runs:
+        snap, plain = split.setdefault(x["variant"], ([], []))
+        for s, t in x.get("step_seconds", {}).items():
+            if warmup < int(s) < steps:
+                (snap if int(s) % interval == 0 else plain).append(t)
+    out = []
+    for v, (snap, plain) in split.items():
+        if plain:
+            med = statistics.median(plain)
+            extra = f", snapshot steps {(_mean(snap) - med) * 1e3:+.1f} ms over it" if snap else ""
+            out.append(f"{v}: median plain step {med * 1e3:.1f} ms{extra}")
+    return ["per-step: " + "; ".join(out)] if out else []
+
+
 def _fmt_snapshot(r: dict) -> list[str]:
     lines = []
     d = r.get("d2h", {})
@@ -119,6 +140,12 @@ def _fmt_snapshot(r: dict) -> list[str]:
                      f"{d['first_pooled']['done_seconds']:.3f} s (enqueue {d['first_pooled']['enqueue_seconds']:.3f} s); "
                      f"reused {best['done_seconds']:.3f} s (enqueue {best['enqueue_seconds']:.4f} s, "
                      f"{best['gb_per_s']:.1f} GB/s)")  # fmt: skip
+    pinned = d.get("pinned", {})
+    if "allocated_bytes.peak" in pinned and "reused_best" in d:
+        lines.append(f"pinned host memory for the base + one pool slot: {pinned['allocated_bytes.peak'] / 1e9:.2f} GB "
+                     f"for {2 * d['reused_best']['bytes'] / 1e9:.2f} GB of weights "
+                     f"({d.get('pinned_bytes_if_rounded', 0) / 1e9:.2f} GB if every block is rounded up to a power "
+                     "of two)")  # fmt: skip
     e = r.get("engine", {})
     if "set_base_seconds" in e:
         lines.append(f"metric work ({e['worker_threads']} worker threads): base (step 0) {e['set_base_seconds']:.2f} s; "

@@ -71,10 +71,18 @@ def measure_d2h(refs, device: str, repeats: int) -> dict:
 
     taker = SnapshotTaker(None, slots=1)
     base, _ = timed_take(taker, refs, 0, device, pooled=False)
-    first, _ = timed_take(taker, refs, 1, device, pooled=True)
+    first, snap = timed_take(taker, refs, 1, device, pooled=True)
     reused = [timed_take(taker, refs, 2 + i, device, pooled=True)[0] for i in range(repeats)]
     best = min(reused, key=lambda d: d["done_seconds"])
-    return {"matrices": len(refs), "base": base, "first_pooled": first, "reused": reused, "reused_best": best}
+    out = {"matrices": len(refs), "base": base, "first_pooled": first, "reused": reused, "reused_best": best}
+    if device == "cuda" and hasattr(torch.cuda, "host_memory_stats"):
+        # pinned memory the two snapshots' buffers (base + one pool slot) took from the host allocator,
+        # which rounds each block up to a power of two
+        stats = torch.cuda.host_memory_stats()
+        out["pinned"] = {k: v for k, v in stats.items() if k.startswith(("allocated_bytes", "num_host_alloc",
+                                                                           "host_alloc_time"))}  # fmt: skip
+        out["pinned_bytes_if_rounded"] = 2 * sum(1 << max(t.nbytes - 1, 0).bit_length() for t in snap.tensors.values())
+    return out
 
 
 def perturb(refs, frac: float, seed: int) -> None:

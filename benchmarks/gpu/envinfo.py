@@ -3,7 +3,7 @@
 Python, torch and CUDA versions, the GPU (torch and ``nvidia-smi``), the versions of
 the packages rlmonitor and its benchmarks need, where ``rlmonitor`` and
 ``rlmonitor.callbacks`` were imported from (and whether
-``rlmonitor.callbacks.geometry`` imports), and the requirements of the carried
+``rlmonitor.callbacks.geometry`` imports, unless ``--no-geometry``), and the requirements of the carried
 wheels (``--wheels DIR``) that the installed packages do not meet. Exit code 1 when
 ``--device cuda`` was asked for and torch sees no CUDA device, or rlmonitor's
 callbacks do not import.
@@ -83,8 +83,10 @@ def gpu_info() -> dict:
     return info
 
 
-def rlmonitor_info() -> dict:
-    info: dict = {}
+def rlmonitor_info(geometry: bool) -> dict:
+    """Where rlmonitor and rlmonitor.callbacks come from; with ``geometry``, whether the
+    Trainer integration (transformers and all) imports (None: not tried)."""
+    info: dict = {"geometry_imports": None}
     try:
         import rlmonitor
         import rlmonitor.callbacks
@@ -92,9 +94,10 @@ def rlmonitor_info() -> dict:
         info["rlmonitor"] = str(Path(rlmonitor.__file__).parent)
         info["rlmonitor.callbacks"] = str(Path(rlmonitor.callbacks.__file__).parent)
         info["callbacks_resolved"] = os.path.realpath(info["rlmonitor.callbacks"])
-        import rlmonitor.callbacks.geometry
+        if geometry:
+            import rlmonitor.callbacks.geometry
 
-        info["geometry_imports"] = True
+            info["geometry_imports"] = True
     except Exception:
         info["geometry_imports"] = False
         info["import_error"] = traceback.format_exc(limit=3)
@@ -105,17 +108,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     ap.add_argument("--wheels", help="folder of the carried wheels")
+    ap.add_argument("--no-geometry", action="store_true",
+                    help="skip importing rlmonitor.callbacks.geometry (dry runs: the overhead part imports it)")
     args = ap.parse_args(argv)
     env = {"python": sys.version.split()[0], "executable": sys.executable, "platform": platform.platform(),
            "cpu_count": os.cpu_count(), "packages": versions(), "pythonpath": os.environ.get("PYTHONPATH", "")}  # fmt: skip
     env["gpu"] = gpu_info()
-    env.update(rlmonitor_info())
+    env.update(rlmonitor_info(geometry=not args.no_geometry))
     env["unmet_requirements"] = unmet_requirements(args.wheels)
     problems = []
     if args.device == "cuda" and not env["gpu"]["cuda_available"]:
         problems.append("--device cuda but torch.cuda.is_available() is False")
-    if not env["geometry_imports"]:
-        problems.append("rlmonitor.callbacks.geometry does not import")
+    if env["geometry_imports"] is False:
+        problems.append("rlmonitor (or rlmonitor.callbacks.geometry) does not import")
     env["problems"] = problems
     print("ENV_JSON " + json.dumps(env), flush=True)
     for p in problems:

@@ -80,7 +80,8 @@ def _fmt_env(r: dict) -> list[str]:
     lines = [f"python {r.get('python')}; torch {pk.get('torch')} (CUDA {gpu.get('torch_cuda')}); transformers "
              f"{pk.get('transformers')}; trl {pk.get('trl')}; peft {pk.get('peft')}; datasets {pk.get('datasets')}"]  # fmt: skip
     lines.append(f"GPU: {gpu.get('name', 'none')} ({gpu.get('nvidia_smi', '')}); {r.get('cpu_count')} CPUs")
-    lines.append(f"rlmonitor.callbacks from {r.get('callbacks_resolved')}; geometry imports: {r.get('geometry_imports')}")
+    geo = {None: "not tried (dry run)", True: "yes", False: "NO"}[r.get("geometry_imports")]
+    lines.append(f"rlmonitor.callbacks from {r.get('callbacks_resolved')}; rlmonitor.callbacks.geometry imports: {geo}")
     if r.get("unmet_requirements"):
         lines.append("unmet requirements of the carried wheels: " + "; ".join(r["unmet_requirements"]))
     return lines

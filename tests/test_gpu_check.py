@@ -15,7 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CHECK = REPO / "benchmarks" / "gpu" / "check.sh"
 PARTS = ("env", "cuda_tests", "overhead", "snapshot", "svd", "masks", "spectral_accuracy")
-STATUSES = {"ok", "failed", "timeout", "skipped", "absent"}
+STATUSES = {"ok", "failed", "timeout", "stopped", "skipped", "absent"}
 
 
 def run_check(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -115,3 +115,37 @@ def test_failing_parts_are_recorded_and_the_others_still_run(tmp_path):
     assert {parts[p]["status"] for p in PARTS if p not in ("svd", "masks")} == {"skipped"}
     summary = (tmp_path / "r" / "gpu-check-summary.txt").read_text()
     assert "svd                failed" in summary and "error tail:" in summary
+
+
+def descendants(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [d for c in map(int, out) for d in (c, *descendants(c))]
+
+
+def test_a_stopped_check_ends_its_part_and_still_writes_the_results(tmp_path):
+    """SIGTERM to check.sh reaches the check, which ends the running part's processes,
+    records the part as stopped and writes the results and the summary."""
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "PYTHONPATH")}
+    proc = subprocess.Popen(["bash", str(CHECK), "--python", sys.executable, "--device", "cpu", "--dry-run",
+                             "--only", "cuda_tests", "--out", str(tmp_path / "r")], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    seen = []
+    for line in proc.stdout:  # until the part's process runs
+        seen.append(line)
+        if "cuda_tests | $ " in line:
+            break
+    time.sleep(1.0)
+    tree = descendants(proc.pid)  # check.py and the part's pytest
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=60)
+    assert len(tree) >= 2, "".join(seen)
+    results = json.loads((tmp_path / "r" / "gpu-check.json").read_text())
+    assert proc.returncode == 128 + signal.SIGTERM, "".join(seen) + rest
+    assert results["parts"]["cuda_tests"]["status"] == "stopped"
+    assert "stopped" in (tmp_path / "r" / "gpu-check-summary.txt").read_text()
+    for pid in tree:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

@@ -55,7 +55,7 @@ class Console:
     """Prints timestamped lines and keeps them in the log file."""
 
     def __init__(self, log_path: Path) -> None:
-        self.log = open(log_path, "a", encoding="utf-8", errors="replace")  # noqa: SIM115 (closed in close())
+        self.log = open(log_path, "w", encoding="utf-8", errors="replace")  # noqa: SIM115 (closed in close())
         self.lock = threading.Lock()
 
     def say(self, text: str, part: str = "check") -> None:
@@ -70,13 +70,39 @@ class Console:
         self.log.close()
 
 
+#: the running part's process, ended with the check if the check is stopped
+_CURRENT: list[subprocess.Popen] = []
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """End ``proc``'s process group (by its id): SIGTERM, then SIGKILL after 10 s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=10)
+            return
+        except (ProcessLookupError, PermissionError):
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def on_stop(signum, frame) -> None:
+    """SIGTERM/SIGHUP: end the running part, then unwind (results and summary are still written)."""
+    for proc in _CURRENT:
+        stop_group(proc)
+    raise SystemExit(128 + signum)
+
+
 def run_command(cmd: list[str], timeout: float, console: Console, name: str, env: dict) -> Outcome:
-    """Run ``cmd`` in its own process group; kill the group (by its id) at ``timeout``."""
+    """Run ``cmd`` in its own process group (same session: whoever ends this check's
+    session ends it too); end the group at ``timeout``."""
     t0 = time.perf_counter()
     lines: collections.deque[str] = collections.deque(maxlen=400)
+    group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
     try:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                errors="replace", start_new_session=True)  # fmt: skip
+                                errors="replace", **group)  # fmt: skip
     except OSError as e:
         return Outcome(None, False, 0.0, [f"could not start {cmd[0]}: {e}"])
 
@@ -88,18 +114,18 @@ def run_command(cmd: list[str], timeout: float, console: Console, name: str, env
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
+    _CURRENT.append(proc)
     timed_out = False
     try:
         proc.wait(timeout=max(timeout, 1.0))
     except subprocess.TimeoutExpired:
         timed_out = True
-        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(timeout=wait)
-                break
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                continue
+        stop_group(proc)
+    except BaseException:  # Ctrl-C: end the part too
+        stop_group(proc)
+        raise
+    finally:
+        _CURRENT.remove(proc)
     reader.join(timeout=5)
     return Outcome(proc.returncode, timed_out, time.perf_counter() - t0, list(lines))
 
@@ -170,8 +196,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def run_parts(args: argparse.Namespace, ctx: P.Context, deadline: float, results: dict, out_dir: Path,
+              console: Console) -> None:
+    """Every selected part in order, each within what the budget leaves it; the results
+    file is rewritten after each."""
+    for i, part in enumerate(P.PARTS):
+        if args.only_set is not None and part.name not in args.only_set:
+            results["parts"][part.name] = {"status": "skipped", "what": part.what, "note": "not in --only"}
+            continue
+        allowed = schedule(P.PARTS, i, deadline, args.only_set, args.dry_run)
+        if allowed < reserve(part, args.dry_run):
+            results["parts"][part.name] = {"status": "skipped", "what": part.what,
+                                           "note": f"out of budget ({allowed:.0f} s left for it)"}  # fmt: skip
+            console.say("skipped: out of budget", part.name)
+            continue
+        try:
+            results["parts"][part.name] = run_part(part, ctx, allowed, console)
+        except Exception:  # a bug of this driver fails the part, not the check
+            err = traceback.format_exc(limit=6)
+            results["parts"][part.name] = {"status": "failed", "what": part.what, "error_tail": err}
+            console.say(err, part.name)
+        except BaseException as e:  # stopped (signal, Ctrl-C): say so, then unwind
+            results["parts"][part.name] = {"status": "stopped", "what": part.what,
+                                           "note": f"the check was stopped ({type(e).__name__}) while this part ran"}  # fmt: skip
+            raise
+        finally:
+            write_results(out_dir, results)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_stop)
     out_dir = Path(args.out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     console = Console(out_dir / LOG)
@@ -179,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if args.dry_run:
         # tiny matrices: one thread each. On a busy 2-core machine, OpenMP's second thread made
-        # a tiny model's forward ~100x slower (spin-waiting for a core that is not free).
+        # a tiny model's forward ~270x slower (waiting for a core that is not free).
         env.setdefault("OMP_NUM_THREADS", "1")
     ctx = P.Context(repo=REPO, work=work, device=args.device, dry=args.dry_run, python=sys.executable, env=env,
                     wheels=args.wheels, overhead_rounds=args.overhead_rounds,
@@ -191,27 +247,14 @@ def main(argv: list[str] | None = None) -> int:
     console.say(f"rlmonitor GPU check: device {args.device}{' (dry run)' if args.dry_run else ''}, budget "
                 f"{args.budget:.0f} s, results in {out_dir}")  # fmt: skip
     try:
-        for i, part in enumerate(P.PARTS):
-            if args.only_set is not None and part.name not in args.only_set:
-                results["parts"][part.name] = {"status": "skipped", "what": part.what, "note": "not in --only"}
-                continue
-            allowed = schedule(P.PARTS, i, deadline, args.only_set, args.dry_run)
-            if allowed < reserve(part, args.dry_run):
-                results["parts"][part.name] = {"status": "skipped", "what": part.what,
-                                               "note": f"out of budget ({allowed:.0f} s left for it)"}  # fmt: skip
-                console.say("skipped: out of budget", part.name)
-            else:
-                try:
-                    results["parts"][part.name] = run_part(part, ctx, allowed, console)
-                except Exception:  # a bug of this driver fails the part, not the check
-                    err = traceback.format_exc(limit=6)
-                    results["parts"][part.name] = {"status": "failed", "what": part.what, "error_tail": err}
-                    console.say(err, part.name)
-            write_results(out_dir, results)
+        run_parts(args, ctx, deadline, results, out_dir, console)
     finally:
         results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         results["wall_seconds"] = round(time.time() - t0, 1)
-        results["verdicts"] = R.verdicts(results)
+        try:
+            results["verdicts"] = R.verdicts(results)
+        except Exception as e:  # the results file must be written whatever the judging does
+            results["verdicts"] = {"error": f"{type(e).__name__}: {e}"}
         write_results(out_dir, results)
         text = R.summary(results)
         (out_dir / SUMMARY).write_text(text + "\n")
@@ -220,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         console.log.write(text + "\n")
         console.close()
         shutil.rmtree(work, ignore_errors=True)
-    bad = [n for n, r in results["parts"].items() if r["status"] in ("failed", "timeout")]
+    bad = [n for n, r in results["parts"].items() if r["status"] in ("failed", "timeout", "stopped")]
     return 1 if bad else 0
 
 

@@ -15,7 +15,8 @@
 # 3. runs benchmarks/gpu/check.py (every other option goes to it), which runs the parts
 #    and writes gpu-check.json, gpu-check-summary.txt and gpu-check.log under --out
 #    (default: $OUT if set, else ./gpu-check-results).
-# Exit code: 0 when every part ran without failing or timing out, 1 otherwise, 2 for bad options.
+# Exit code: 0 when every part ran without failing or timing out, 1 otherwise, 2 for bad options,
+# 128 + N when stopped by signal N (the running part is ended, the results still written).
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)"
@@ -93,4 +94,14 @@ else
 fi
 export RLM_GPU_SETUP="$SETUP"
 
-"$PY" "$REPO/benchmarks/gpu/check.py" ${ARGS[@]+"${ARGS[@]}"}
+# in the background, so that a SIGTERM/SIGINT/SIGHUP to this script reaches it (it then ends the
+# running part, writes the results and exits) before the scratch folder goes
+"$PY" "$REPO/benchmarks/gpu/check.py" ${ARGS[@]+"${ARGS[@]}"} &
+CHILD=$!
+trap 'kill -TERM "$CHILD" 2>/dev/null' TERM INT HUP
+while :; do
+    wait "$CHILD"
+    rc=$?
+    kill -0 "$CHILD" 2>/dev/null || break
+done
+exit "$rc"

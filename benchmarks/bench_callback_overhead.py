@@ -66,7 +66,7 @@ class Mark(TrainerCallback):
     name = "before"
 
     def __init__(self, log: dict, watch=None) -> None:
-        self.log, self.watch = log, watch
+        self.log, self.watch, self.ended = log, watch, threading.Event()
 
     def on_train_begin(self, args, state, control, **kw):
         now = self.log[f"{self.name}_begin"] = time.perf_counter()
@@ -75,12 +75,14 @@ class Mark(TrainerCallback):
             threading.Thread(target=self._idle, args=(worker, now), daemon=True).start()
 
     def _idle(self, worker, t0: float) -> None:
-        while worker.pending:
-            time.sleep(0.005)
-        self.log["worker_idle_after_start_seconds"] = time.perf_counter() - t0
+        while worker.pending and not self.ended.is_set():
+            time.sleep(0.01)
+        if not worker.pending:
+            self.log["worker_idle_after_start_seconds"] = time.perf_counter() - t0
 
     def on_train_end(self, args, state, control, **kw):
         self.log[f"{self.name}_end"] = time.perf_counter()
+        self.ended.set()
 
 
 class MarkAfter(Mark):

@@ -180,7 +180,7 @@ def spectral_cmd(ctx: Context, timeout: float) -> list[str] | None:
     if not script.exists():
         return None
     cmd = [ctx.python, str(script), "--device", ctx.device, "--quick"]
-    if '"--json"' in script.read_text(encoding="utf-8", errors="replace"):
+    if re.search(r"""["']--json["']""", script.read_text(encoding="utf-8", errors="replace")):
         cmd += ["--json", str(ctx.work / "spectral_accuracy.json")]
     return cmd
 

@@ -76,8 +76,8 @@ def measure_d2h(refs, device: str, repeats: int) -> dict:
     best = min(reused, key=lambda d: d["done_seconds"])
     out = {"matrices": len(refs), "base": base, "first_pooled": first, "reused": reused, "reused_best": best}
     if device == "cuda" and hasattr(torch.cuda, "host_memory_stats"):
-        # pinned memory the two snapshots' buffers (base + one pool slot) took from the host allocator,
-        # which rounds each block up to a power of two
+        # the process's pinned host allocator after the copies: mostly the two snapshots' buffers
+        # (base + one pool slot); the allocator rounds each block up to a power of two by default
         stats = torch.cuda.host_memory_stats()
         out["pinned"] = {k: v for k, v in stats.items() if k.startswith(("allocated_bytes", "num_host_alloc",
                                                                            "host_alloc_time"))}  # fmt: skip
@@ -108,7 +108,11 @@ def measure_engine(refs, device: str, threads: int) -> dict:
     def on_worker(label: str, fn) -> None:
         def job() -> None:
             t0 = time.perf_counter()
-            res = fn()
+            try:
+                res = fn()
+            except Exception:
+                out[f"{label}_error"] = traceback.format_exc(limit=5)
+                return
             out[f"{label}_seconds"] = time.perf_counter() - t0
             if res is not None:
                 out[f"{label}_metric_seconds"] = res.scalars[keys.METRIC_SECONDS]
@@ -117,6 +121,8 @@ def measure_engine(refs, device: str, threads: int) -> dict:
         worker.submit(job, block=True)
         if worker.flush(timeout=600):
             raise TimeoutError(f"{label} did not finish in 600 s")
+        if f"{label}_error" in out:
+            raise RuntimeError(f"{label} failed on the worker:\n{out[f'{label}_error']}")
 
     base = taker.take(0, ((r.spec.name, r.weight()) for r in refs), pooled=False)
     base.wait()

@@ -16,6 +16,7 @@ _COMMANDS: dict[str, str] = {
     "compare": "rlmonitor.apps.compare.cli",
     "demo": "rlmonitor.apps.demo.run",
     "sweep": "rlmonitor.apps.sweep.cli",
+    "workspace": "rlmonitor.apps.workspace",
 }
 
 

@@ -168,20 +168,19 @@ def update_ratios(layer: int, panels: Sequence[tuple[str, str, np.ndarray, int |
     x_edges = _edges(steps)
     for idx, (kind, axis, data, head_dim) in enumerate(panels):
         ax = fig.add_subplot(1, n, idx + 1)
-        im = ax.pcolormesh(x_edges, np.arange(data.shape[1] + 1) - 0.5, data.T, cmap="magma",
-                           vmin=0.0, vmax=max(float(np.nanmax(data)) if data.size else 0.0, 1e-12), shading="flat")  # fmt: skip
+        lo, hi = robust_range(data)
+        im = ax.pcolormesh(x_edges, np.arange(data.shape[1] + 1) - 0.5, data.T, cmap="magma", vmin=lo, vmax=hi,
+                           shading="flat")  # fmt: skip
         if head_dim and data.shape[1] % head_dim == 0:
             for b in range(head_dim, data.shape[1], head_dim):
                 ax.axhline(b - 0.5, color="white", lw=0.8, path_effects=outline)
-        ax.xaxis.set_major_locator(MaxNLocator(nbins=4, integer=True, steps=[1, 2, 2.5, 5, 10]))
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True, steps=[1, 2, 2.5, 5, 10]))
         ax.set_xlim(x_edges[0], x_edges[-1])
         ax.set_xlabel("optimizer step")
         what = "row (output)" if axis == "rows" else "column (input)"
         ax.set_ylabel(what)
         ax.set_title(f"{kind}: {axis[:-1] if axis == 'rows' else 'column'} update ratio", fontsize=9)
-        cb = fig.colorbar(im, ax=ax, fraction=0.08, pad=0.02)
-        cb.set_label(f"fraction of the {what.split()[0]}'s weights\nchanged vs step 0 (bf16)", fontsize=8)
-        cb.ax.tick_params(labelsize=7)
+        _colorbar(fig, im, ax, f"fraction of the {what.split()[0]}'s weights changed (bf16)", lo, hi, data)
     smooth = f", mean over the last {smooth_window} snapshots" if smooth_window > 1 else ""
     fig.suptitle(f"layer {layer}: update ratios over steps (head boundaries: white lines{smooth})", fontsize=10)
     return fig

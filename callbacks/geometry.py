@@ -19,11 +19,11 @@ joins the per-matrix gathers and the KL probe's forwards, in the same order. Any
 failure after setup is warned about, counted in ``geometry/errors``, and training
 continues.
 
-Logged metrics: every key of :mod:`rlmonitor.core.keys` in the sections ``headline``,
-``kind``, ``layer``, ``system`` and ``plots`` (e.g. ``geometry/update_sparsity``,
-``geometry/principal_angle_max_deg`` and its ``_bound``, ``geometry/spectral_drift_topk``,
-``geometry/principal_overlap_ratio``) and, with the probe on, the ``kl`` section
-(``kl/base_forward``, ...). Per-matrix detail goes to ``<output_dir>/rlmonitor/matrices.jsonl``.
+Logged metrics: the keys of :mod:`rlmonitor.core.keys`. To W&B by default the
+sections ``headline``, ``kl``, ``plots`` (images and tables that carry the per-layer
+and per-kind detail) and ``system``; ``kind`` and ``layer`` scalars with
+``per_kind_keys`` / ``per_layer_keys``; ``diagnostics`` to the run summary. Every key
+goes to ``<output_dir>/rlmonitor/metrics.jsonl``, per-matrix detail to ``matrices.jsonl``.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ _COMMANDS: dict[str, str] = {
     "demo": "rlmonitor.apps.demo.cli",
     "sweep": "rlmonitor.apps.sweep.cli",
     "train": "rlmonitor.apps.train",
+    "workspace": "rlmonitor.apps.workspace",
 }
 
 

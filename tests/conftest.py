@@ -34,23 +34,37 @@ def digit_reward(completions, **kwargs):
     return [sum(c.isdigit() for c in s) / max(len(s), 1) for s in completions]
 
 
-def wandb_history(run_dir: Path) -> list[dict]:
-    """History rows that really reached the offline run's .wandb file, read with
+def _wandb_records(run_dir: Path, kind: str) -> list[dict]:
+    """Records of one type from the offline run's .wandb file, read with
     `wandb leet inspect --json` (an independent reader of the transaction log)."""
     files = sorted(Path(run_dir).rglob("*.wandb"))
     assert files, f"no .wandb file under {run_dir}"
     exe = Path(sys.executable).parent / "wandb"
     out = subprocess.run([str(exe), "leet", "inspect", "--json", str(files[-1])], capture_output=True,
                          text=True, check=True, timeout=120).stdout
-    rows = []
+    recs = []
     for line in out.splitlines():
         try:
             rec = json.loads(line)
         except ValueError:
             continue
-        if rec.get("type") == "history":
-            rows.append(rec["history"]["item"])
-    return rows
+        if rec.get("type") == kind:
+            recs.append(rec[kind])
+    return recs
+
+
+def wandb_history(run_dir: Path) -> list[dict]:
+    """History rows that really reached the offline run's .wandb file."""
+    return [rec["item"] for rec in _wandb_records(run_dir, "history")]
+
+
+def wandb_summary(run_dir: Path) -> dict:
+    """The run summary the offline run's .wandb file ends with (its updates merged;
+    media entries flattened as `key.field`)."""
+    summary: dict = {}
+    for rec in _wandb_records(run_dir, "summary"):
+        summary.update(rec.get("update", {}))
+    return summary
 
 
 def documented_key_patterns() -> list:

@@ -23,7 +23,7 @@ from . import keys
 from .config import GeometryConfig
 from .naming import MODULE_KINDS
 
-__all__ = ["aggregate"]
+__all__ = ["POOLED", "aggregate", "kind_order", "pooled"]
 
 _SIDES = (("left", "angle_left_max_deg", "angle_left_bound_deg"), ("right", "angle_right_max_deg", "angle_right_bound_deg"))
 
@@ -43,6 +43,18 @@ def _pooled(group: Sequence[dict[str, Any]], out: dict[str, float], sparsity: st
     drifts = [m["spectral_drift_topk"] for m in group if m.get("spectral_drift_topk") is not None]
     if drifts:
         out[drift] = sum(drifts) / len(drifts)
+
+
+#: What is pooled per module kind and per layer (and by :func:`pooled` for any group).
+POOLED: tuple[str, ...] = ("update_sparsity", "rel_frobenius", "principal_angle_max_deg", "spectral_drift_topk")
+
+
+def pooled(group: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """The :data:`POOLED` metrics of any group of per-matrix records (e.g. one layer's
+    matrices of one kind), pooled exactly as the per-kind and per-layer keys are."""
+    out: dict[str, float] = {}
+    _pooled(group, out, *POOLED)
+    return out
 
 
 def _angle_headline(mats: Sequence[dict[str, Any]], out: dict[str, float], info: dict[str, Any]) -> None:

@@ -77,12 +77,13 @@ class GeometryConfig:
                                     "paper smooths over 3).", default=3)  # fmt: skip
     plot_every_n_snapshots: int = help_field("Redraw dashboard images every N snapshots (and at train end); 0 = only "
                                              "at train end.", default=5)  # fmt: skip
-    per_kind_keys: bool = help_field("Also log per-module-kind scalars (geometry/<metric>/<kind>) to W&B as one panel "
-                                     "each; by default they reach W&B as heat maps and metrics.jsonl always has "
-                                     "them.", default=False)  # fmt: skip
-    per_layer_keys: bool = help_field("Also log per-layer scalars (geometry/layers/<i>/...) to W&B as one panel each "
-                                      "(a 24-layer model adds ~100 panels); by default they reach W&B as heat maps "
-                                      "and metrics.jsonl always has them.", default=False)  # fmt: skip
+    per_kind_keys: bool = help_field("Also log per-module-kind scalars (geometry/<metric>/<kind>, ~28 keys) to W&B, "
+                                     "one panel each; by default their values reach W&B in the layer_kind image and "
+                                     "the kind_table, and metrics.jsonl always has them.", default=False)  # fmt: skip
+    per_layer_keys: bool = help_field("Also log per-layer scalars (geometry/layers/<i>/..., 4 keys per layer: ~100 "
+                                      "panels for 24 layers) to W&B; by default their values reach W&B in the "
+                                      "layer_sparsity, layer_angles and layer_kind images and the layer_table, and "
+                                      "metrics.jsonl always has them.", default=False)  # fmt: skip
     wandb: Literal["auto", "off"] = help_field("'auto': log to the active W&B run (the Trainer's) when there is one; "
                                                "never starts a run. 'off': local files only.", default="auto")  # fmt: skip
     output_subdir: str = help_field("Folder under the Trainer's output_dir for the base snapshot, metrics.jsonl and "

@@ -6,9 +6,14 @@ of this module (a ``Key`` *is* its ``str``), pattern keys are filled by calling 
     scalars[keys.UPDATE_SPARSITY] = 0.91
     scalars[keys.UPDATE_SPARSITY_KIND(kind="q")] = 0.93     # geometry/update_sparsity/q
 
-``section`` says where a key belongs in a W&B workspace, ``summary`` how W&B
-summarises it (``define_metric``), ``compare`` whether ``rlmonitor compare`` reports
-it in its ``scalars`` (same name, same matrices, same code as the live callback).
+``section`` says where a key belongs in a W&B workspace (:data:`SECTIONS`, top-down)
+and whether it reaches W&B by default: ``kind`` and ``layer`` scalars only when
+opted in (``GeometryConfig.per_kind_keys`` / ``per_layer_keys``; by default their
+values reach W&B as heat-map images and tables of the ``plots`` section), and
+``diagnostics`` as the run summary's latest value (no panel); ``metrics.jsonl`` always
+has every key. ``summary`` says how W&B summarises a key (``define_metric``),
+``compare`` whether ``rlmonitor compare`` reports it in its ``scalars`` (same name,
+same matrices, same code as the live callback).
 The README's key table and ``docs/metrics.md`` are checked against this registry by
 the tests; ``python -m rlmonitor.core.keys`` prints the table.
 
@@ -21,11 +26,20 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-__all__ = ["KEYS", "MATRIX_FIELDS", "SECTIONS", "Key", "fields_table", "lookup", "markdown_table", "render_docs"]
+__all__ = ["KEYS", "MATRIX_FIELDS", "OPT_IN_SECTIONS", "SECTIONS", "SUMMARY_ONLY_SECTIONS", "Key", "fields_table",
+           "lookup", "markdown_table", "render_docs"]
 
-Section = Literal["headline", "kind", "layer", "kl", "collapse", "plots", "system", "summary"]
-#: W&B workspace sections, top-down.
-SECTIONS: tuple[str, ...] = ("headline", "kind", "kl", "collapse", "plots", "layer", "system", "summary")
+Section = Literal["headline", "kl", "collapse", "plots", "kind", "layer", "system", "diagnostics", "summary"]
+#: W&B workspace sections, top-down: headline scalars, KL, collapse, the images and tables
+#: that carry per-kind and per-layer detail, the opt-in per-kind and per-layer scalars,
+#: the monitor's own health, diagnostics (run summary only) and the run summary.
+SECTIONS: tuple[str, ...] = ("headline", "kl", "collapse", "plots", "kind", "layer", "system", "diagnostics",
+                             "summary")
+#: Sections whose scalars reach W&B only when opted in (one panel per key and layer/kind).
+OPT_IN_SECTIONS: tuple[str, ...] = ("kind", "layer")
+#: Sections whose scalars reach W&B as the run summary's latest value, not as history
+#: (no panel each; the full history is in metrics.jsonl).
+SUMMARY_ONLY_SECTIONS: tuple[str, ...] = ("diagnostics",)
 _PLACEHOLDER = re.compile(r"<(\w+)>")
 _FILL = {"kind": r"[A-Za-z0-9_]+", "i": r"\d+", "detector": r"[a-z_]+", "figure": r"[A-Za-z0-9_]+"}
 
@@ -121,25 +135,26 @@ ANGLE_MAX_LEFT = Key("geometry/principal_angle_max_deg_left", summary="max", com
                      meaning="the same, left side only (output space U)", paper="Sec. 4")  # fmt: skip
 ANGLE_MAX_RIGHT = Key("geometry/principal_angle_max_deg_right", summary="max", compare=True,
                       meaning="the same, right side only (input space V)", paper="Sec. 4")  # fmt: skip
-ANGLE_MAX_BOUND = Key("geometry/principal_angle_max_deg_bound", section="system", compare=True,
+ANGLE_MAX_BOUND = Key("geometry/principal_angle_max_deg_bound", section="diagnostics", compare=True,
                       meaning="certified bound on the error of principal_angle_max_deg (degrees): "
                               "|reported - exact| <= bound")  # fmt: skip
-ANGLE_MAX_LAYER = Key("geometry/principal_angle_max_layer", section="system", compare=True,
+ANGLE_MAX_LAYER = Key("geometry/principal_angle_max_layer", section="diagnostics", compare=True,
                       meaning="layer of the matrix that set principal_angle_max_deg (-1: outside a layer); the "
                               "matrix's name is in the local record (principal_angle_max_matrix)")  # fmt: skip
 ANGLE_MAX_KIND = Key("geometry/principal_angle_max_deg/<kind>", meaning="the same per module kind", section="kind",
                      summary="max", paper="Fig. 4", compare=True)  # fmt: skip
 ANGLE_MAX_LAYER_I = Key("geometry/layers/<i>/principal_angle_max_deg", meaning="the same per layer", section="layer",
                         summary="max", paper="Fig. 4", compare=True)  # fmt: skip
-ILL_CONDITIONED = Key("geometry/ill_conditioned_matrices", section="system", compare=True,
+ILL_CONDITIONED = Key("geometry/ill_conditioned_matrices", section="diagnostics", compare=True,
                       meaning="matrices whose relative gap (sigma_k - sigma_{k+1}) / sigma_k is below min_rel_gap: "
                               "their top-k subspace is ill-defined, so they are kept out of the angle maxima")  # fmt: skip
-ANGLE_MAX_ILL = Key("geometry/principal_angle_max_deg_ill_conditioned", section="system", summary="max", compare=True,
+ANGLE_MAX_ILL = Key("geometry/principal_angle_max_deg_ill_conditioned", section="diagnostics", summary="max",
+                    compare=True,
                     meaning="largest principal angle among the ill-conditioned matrices (degrees)")  # fmt: skip
 DRIFT_TOPK = Key("geometry/spectral_drift_topk", compare=True,
                  meaning="mean top-k normalized spectral shift",
                  formula="mean over matrices of ||s_1..k(W_t) - s_1..k(W_0)|| / ||s_1..k(W_0)||", paper="Sec. 4, Cor. 3.4")  # fmt: skip
-DRIFT_TOPK_BOUND = Key("geometry/spectral_drift_topk_bound", section="system", compare=True,
+DRIFT_TOPK_BOUND = Key("geometry/spectral_drift_topk_bound", section="diagnostics", compare=True,
                        meaning="certified bound on the error of spectral_drift_topk")  # fmt: skip
 DRIFT_TOPK_KIND = Key("geometry/spectral_drift_topk/<kind>", meaning="the same per module kind", section="kind",
                       compare=True)  # fmt: skip
@@ -171,7 +186,7 @@ SNAPSHOT_SECONDS = Key("geometry/snapshot_seconds", section="system",
                        meaning="training-thread time spent taking this snapshot")  # fmt: skip
 ROTATION_STALENESS = Key("geometry/rotation_staleness_steps", section="system",
                          meaning="with layers_per_snapshot, age of the oldest per-layer measurement in the aggregates")  # fmt: skip
-SNAPSHOT_BYTES = Key("geometry/snapshot_bytes", section="system", summary="max",
+SNAPSHOT_BYTES = Key("geometry/snapshot_bytes", section="diagnostics", summary="max",
                      meaning="host memory held by the monitor: base state, previous and queued snapshots")  # fmt: skip
 DROPPED = Key("geometry/dropped_snapshots", section="system", summary="max",
               meaning="snapshots skipped because the worker was busy (cumulative)")  # fmt: skip
@@ -185,18 +200,33 @@ BASE_IS_RESUMED = Key("geometry/base_is_resumed", section="system",
 # geometry: images, tables and line series
 
 PLOT = Key("geometry/plots/<figure>", section="plots", summary="none", media="image",
-           meaning="a dashboard image (the figures below)")  # fmt: skip
+           meaning="a dashboard image or table (the ones below)")  # fmt: skip
 PLOT_LAYER_SPARSITY = Key("geometry/plots/layer_sparsity", section="plots", summary="none", media="image",
-                          meaning="image: per-layer update sparsity over steps", paper="Tab. 1")  # fmt: skip
+                          meaning="image: update sparsity per layer (rows) over steps (columns); colour scaled to "
+                                  "the data", paper="Tab. 1")  # fmt: skip
+PLOT_LAYER_ANGLES = Key("geometry/plots/layer_angles", section="plots", summary="none", media="image",
+                        meaning="image: largest principal angle per layer (rows) over steps (columns), degrees",
+                        paper="Fig. 4")  # fmt: skip
+PLOT_LAYER_KIND = Key("geometry/plots/layer_kind", section="plots", summary="none", media="image",
+                      meaning="image: layer x module kind at the latest snapshot: update sparsity, relative "
+                              "update size, largest principal angle, top-k spectral drift", paper="Tab. 1, Fig. 4")  # fmt: skip
 PLOT_UPDATE_RATIOS = Key("geometry/plots/update_ratios_L<i>", section="plots", summary="none", media="image",
                          meaning="image: row (q/k/v) and column (o) update ratios of layer i over steps, head "
                                  "boundaries marked, 3-snapshot smoothing", paper="Fig. 3")  # fmt: skip
 PLOT_ANGLES = Key("geometry/plots/principal_angles", section="plots", summary="none", media="image",
-                  meaning="image: principal-angle curves theta_1..theta_k", paper="Fig. 4")  # fmt: skip
+                  meaning="image: principal-angle curves theta_1..theta_k of the heat-map layers' matrices and, "
+                          "highlighted, of the matrix that sets principal_angle_max_deg", paper="Fig. 4")  # fmt: skip
 PLOT_ANGLE_CURVES = Key("geometry/plots/principal_angle_curves", section="plots", summary="none", media="series",
-                        meaning="line series: principal-angle curves theta_i (deg) vs i", paper="Fig. 4")  # fmt: skip
-PLOT_ANGLE_CURVES_TABLE = Key("geometry/plots/principal_angle_curves_table", section="plots", summary="none",
-                              media="table", meaning="the data of that line series (W&B stores it as a table)")  # fmt: skip
+                        meaning="line series: the same principal-angle curves theta_i (deg) vs i (side of the max)",
+                        paper="Fig. 4")  # fmt: skip
+PLOT_ANGLE_CURVES_TABLE = Key("geometry/plots/principal_angle_curves_table", section="plots", media="table",
+                              meaning="the data of that line series (W&B stores it as a table)")  # fmt: skip
+PLOT_LAYER_TABLE = Key("geometry/plots/layer_table", section="plots", media="table",
+                       meaning="table, one row per layer at the latest snapshot: update_sparsity, rel_frobenius, "
+                               "principal_angle_max_deg, spectral_drift_topk (the values of the per-layer keys)")  # fmt: skip
+PLOT_KIND_TABLE = Key("geometry/plots/kind_table", section="plots", media="table",
+                      meaning="table, one row per module kind at the latest snapshot: the same columns (the values "
+                              "of the per-kind keys)")  # fmt: skip
 
 # ---------------------------------------------------------------------------------------
 # KL probe
@@ -211,7 +241,7 @@ KL_STEP = Key("kl/step_forward", section="kl",
 KL_WEIGHT_STEP_RATIO = Key("kl/weight_step_ratio", section="kl", formula="weight_step_fro2 / (2 kl/step_forward)",
                            meaning="Gate I's effective inverse curvature 1/mu", paper="Gate I, Prop. 3.1")  # fmt: skip
 KL_LOGPROB_MEAN = Key("kl/probe_logprob_mean", section="kl", meaning="mean log-prob of the probe completions")
-KL_CACHE_BYTES = Key("kl/cache_bytes", section="system", meaning="memory of the cached base log-probs")
+KL_CACHE_BYTES = Key("kl/cache_bytes", section="diagnostics", meaning="memory of the cached base log-probs")
 
 # ---------------------------------------------------------------------------------------
 # collapse detection

@@ -42,7 +42,7 @@ from . import exits, keys
 from . import spectral as spectral_engine
 from .basestore import fingerprint, identity_problem, load_base, save_base, save_spectra, set_aside_base
 from .config import GeometryConfig
-from .dashboards import Dashboard, figure_array, save_figures
+from .dashboards import Dashboard, png_array, render_png, save_pngs
 from .engine import GeometryAnalyzer, GeometryRecord
 from .naming import MatrixSpec
 from .sinks import LocalSink, LogItem, WandbSink
@@ -388,17 +388,20 @@ class GeometryMonitor:
             self._emit(item)
 
     def _add_plots(self, item: LogItem) -> None:
+        """Dashboard images (local PNGs and W&B), the layer/kind tables and the angle series."""
         try:
-            figs = self.dashboard.figures()
+            pngs = {name: render_png(fig) for name, fig in self.dashboard.figures().items()}
+            tables = self.dashboard.tables()
         except Exception as e:
             self.fail("drawing the dashboards", e)
             return
         try:
-            save_figures(figs, self.local.plots)
+            save_pngs(pngs, self.local.plots)
         except Exception as e:
             self.local._fail(e)
         if self.wandb is not None:
-            item.images = {keys.PLOT(figure=name): figure_array(fig) for name, fig in figs.items()}
+            item.images = {keys.PLOT(figure=name): png_array(png) for name, png in pngs.items()}
+            item.tables = {keys.PLOT(figure=name): table for name, table in tables.items()}
         series = self.dashboard.angle_series(item.step)
         if series is not None:
             item.series[keys.PLOT_ANGLE_CURVES] = series
@@ -458,8 +461,10 @@ class GeometryMonitor:
 
 
 def wandb_sections(cfg: GeometryConfig) -> tuple[str, ...]:
-    """Registry sections whose keys reach W&B under this config."""
-    skip = {"kind"} if not cfg.per_kind_keys else set()
+    """Registry sections whose scalars W&B plots (history) under this config; the
+    summary-only sections go to the run summary (see :class:`WandbSink`)."""
+    skip = set(keys.SUMMARY_ONLY_SECTIONS)
+    skip |= {"kind"} if not cfg.per_kind_keys else set()
     skip |= {"layer"} if not cfg.per_layer_keys else set()
     return tuple(s for s in keys.SECTIONS if s not in skip)
 

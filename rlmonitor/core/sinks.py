@@ -51,6 +51,7 @@ class LogItem:
     info: dict[str, Any] = field(default_factory=dict)  # non-numeric facts: local records only
     images: dict[str, Any] = field(default_factory=dict)  # name -> PNG path or HxWx3 uint8 array
     series: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tables: dict[str, dict[str, list]] = field(default_factory=dict)  # name -> {"columns", "data"}: W&B only
     summary: dict[str, Any] = field(default_factory=dict)
     alert: tuple[str, str] | None = None  # (title, text)
 
@@ -227,7 +228,10 @@ class WandbSink(_FailOnce):
 
     Never calls ``wandb.init``; call it from the main process's main thread only.
     Keys plot against ``train/global_step`` with the summaries the key registry
-    declares (e.g. the max principal angle's run summary is its max).
+    declares (e.g. the max principal angle's run summary is its max). With
+    ``sections``, rlmonitor's scalars of other sections are left out, except the
+    summary-only sections (:data:`rlmonitor.core.keys.SUMMARY_ONLY_SECTIONS`), whose
+    latest (or, as declared, largest / smallest) value goes to the run summary.
     """
 
     what = "logging to W&B"
@@ -236,7 +240,8 @@ class WandbSink(_FailOnce):
         super().__init__()
         self.run = run
         self.sections = None if sections is None else frozenset(sections)
-        self._section_of: dict[str, str | None] = {}
+        self._route_of: dict[str, str | None] = {}
+        self._summary_values: dict[str, float] = {}
         self._alerted = False
         try:
             run.define_metric(STEP_KEY)
@@ -256,24 +261,48 @@ class WandbSink(_FailOnce):
             return None
         return wandb.run
 
-    def _wanted(self, name: str) -> bool:
-        """Whether a scalar goes to W&B: rlmonitor's keys only in the chosen sections
-        (per-kind and per-layer detail are opt-in: one panel each), anything else as is."""
-        if self.sections is None:
-            return True
-        if name not in self._section_of:
-            key = keys.lookup(name)
-            self._section_of[name] = None if key is None else key.section
-        section = self._section_of[name]
-        return section is None or section in self.sections
+    def _route(self, name: str) -> str | None:
+        """Where a scalar goes: 'history' (a panel), 'summary' (the run summary only) or
+        None (left out: opt-in detail). Not rlmonitor's keys go to history as they are.
+        A pattern key with a max/min summary gets its ``define_metric`` when first seen."""
+        if name in self._route_of:
+            return self._route_of[name]
+        key = keys.lookup(name)
+        if key is None or self.sections is None or key.section in self.sections:
+            route = "history"
+        else:
+            route = "summary" if key.section in keys.SUMMARY_ONLY_SECTIONS else None
+        self._route_of[name] = route
+        if route == "history" and key is not None and key.placeholders and key.summary in ("max", "min"):
+            try:
+                self.run.define_metric(name, step_metric=STEP_KEY, summary=key.summary)
+            except Exception as e:  # pragma: no cover - depends on the W&B backend
+                self._fail(e)
+        return route
+
+    def _to_summary(self, name: str, value: float) -> None:
+        kind = getattr(keys.lookup(name), "summary", "last")
+        old = self._summary_values.get(name)
+        if old is not None and kind in ("max", "min"):
+            value = max(old, value) if kind == "max" else min(old, value)
+        self._summary_values[name] = value
+        self.run.summary[name] = value
 
     def write(self, item: LogItem) -> None:
         try:
             import wandb
 
-            payload: dict[str, Any] = {k: v for k, v in item.scalars.items() if self._wanted(k)}
+            payload: dict[str, Any] = {}
+            for k, v in item.scalars.items():
+                route = self._route(k)
+                if route == "history":
+                    payload[k] = v
+                elif route == "summary":
+                    self._to_summary(k, v)
             for name, image in item.images.items():
                 payload[name] = wandb.Image(str(image) if isinstance(image, (str, Path)) else image)
+            for name, table in item.tables.items():
+                payload[name] = wandb.Table(columns=table["columns"], data=table["data"])
             for name, s in item.series.items():
                 payload[name] = wandb.plot.line_series(
                     xs=s["xs"], ys=s["ys"], keys=s["keys"], title=s.get("title"), xname=s.get("xname", "x")

@@ -13,9 +13,12 @@ framework-free :class:`~rlmonitor.core.monitor.GeometryMonitor` (budget, rotatio
 resume, worker, sinks, dashboards), which measures with
 :mod:`rlmonitor.core.engine`.
 
-Only the main process keeps snapshots, computes and logs. Under DDP the other ranks
-do nothing; with sharded parameters (FSDP2 DTensors, DeepSpeed ZeRO-3) every rank
-joins the per-matrix gathers and the KL probe's forwards, in the same order. Any
+In a distributed run every rank carries its share of the monitor
+(:mod:`rlmonitor.core.sharding`): each matrix has one owner rank that keeps its base,
+snapshots and spectra and measures it; rank 0 gathers the per-matrix records,
+aggregates and logs exactly what a single process would. With sharded parameters
+(FSDP2 DTensors, DeepSpeed ZeRO-3) every rank joins each matrix's gather, in the same
+order, and only its owner keeps it; the KL probe's forwards run on every rank. Any
 failure after setup is warned about, counted in ``geometry/errors``, and training
 continues.
 
@@ -41,6 +44,7 @@ from rlmonitor.core import keys
 from rlmonitor.core.config import GeometryConfig, KLProbeConfig
 from rlmonitor.core.monitor import GeometryMonitor
 from rlmonitor.core.naming import MatrixSpec
+from rlmonitor.core.sharding import Shards
 from rlmonitor.core.sinks import LogItem, WandbSink
 
 from .kl import KLProbe
@@ -138,9 +142,12 @@ class GeometryCallback(TrainerCallback):
         main = state.is_world_process_zero
         itemsizes = {r.spec.name: r.dtype.itemsize for r in refs}
         # a budget that cannot hold the snapshots is a configuration error: raised here, before step 1
-        self.monitor = GeometryMonitor(self.config, [r.spec for r in refs], self.folder, itemsizes=itemsizes,
-                                       main=main, sharded=any(r.sharded for r in refs),
-                                       identity=model_identity(model))  # fmt: skip
+        specs = [r.spec for r in refs]
+        # every rank owns a share of the matrices (one process: all of them); a collective on all ranks
+        shards = Shards.current(specs, rank_hint=self.config.k + 16)
+        self.monitor = GeometryMonitor(self.config, specs, self.folder, itemsizes=itemsizes, main=main,
+                                       sharded=any(r.sharded for r in refs), identity=model_identity(model),
+                                       shards=shards)  # fmt: skip
         self.monitor.listeners = self.listeners
         try:
             run = WandbSink.active_run() if main else None

@@ -8,6 +8,13 @@ Layout of ``<output_dir>/<output_subdir>/base/``:
 - ``base_meta.json``: the identity ``{"format", "run_id", "step", "fingerprint",
   "matrices": {name: [m, n]}, "created", "config"}``.
 
+A sharded run (every rank owns some matrices, :mod:`rlmonitor.core.sharding`) writes
+one ``weights-<r>-of-<w>.safetensors`` and ``spectra-<r>-of-<w>.safetensors`` per rank
+and, on rank 0 once every rank has written, the index ``weights.safetensors.index.json``
+(the Hugging Face sharded-checkpoint format, so ``compare`` reads it too) before
+``base_meta.json``. Loading reads only the matrices asked for, from whichever file
+holds them, so a resume may use another world size.
+
 The folder may also hold ``kl_probe.safetensors`` (the KL probe's step-0 policy,
 written by the callback), so the base files are moved into it one by one rather
 than replacing the folder.
@@ -36,10 +43,11 @@ import torch
 from .naming import MatrixSpec, canonical
 
 __all__ = ["BASE_FORMAT", "LoadedBase", "fingerprint", "identity_problem", "load_base", "save_base", "save_spectra",
-           "set_aside_base"]
+           "set_aside_base", "write_index"]
 
 BASE_FORMAT = "rlmonitor.base/2"
 WEIGHTS, SPECTRA, META = "weights.safetensors", "spectra.safetensors", "base_meta.json"
+INDEX = WEIGHTS + ".index.json"
 _LEGACY = "base.safetensors"  # rlmonitor 0.1: weights and fp32 factors in one file
 
 
@@ -57,6 +65,7 @@ class LoadedBase:
     weights: dict[str, torch.Tensor]
     spectra: dict[str, dict[str, torch.Tensor]]
     meta: dict[str, Any]
+    partial: bool = False  # only some matrices were asked for
 
     @property
     def step(self) -> int:
@@ -73,30 +82,60 @@ def set_aside_base(folder: str | Path) -> Path | None:
     return dest
 
 
+def _shard_name(stem: str, shard: tuple[int, int] | None) -> str:
+    return f"{stem}.safetensors" if shard is None else f"{stem}-{shard[0]:05d}-of-{shard[1]:05d}.safetensors"
+
+
 def save_base(
     folder: str | Path,
     weights: Mapping[str, torch.Tensor],
     spectra: Mapping[str, Mapping[str, torch.Tensor]],
-    meta: dict[str, Any],
+    meta: dict[str, Any] | None,
+    *,
+    shard: tuple[int, int] | None = None,
 ) -> None:
-    """Write the base (step-0 weights only) into ``folder``, which must not hold one."""
+    """Write the base (step-0 weights only) into ``folder``, which must not hold one.
+
+    ``shard=(rank, world)``: write this rank's part only; ``meta`` None (ranks > 0) or
+    given (rank 0, after every rank wrote): then :func:`write_index` completes it."""
     from safetensors.torch import save_file
 
-    if meta.get("step") != 0:
+    if meta is not None and meta.get("step") != 0:
         raise ValueError(f"refusing to save weights of step {meta.get('step')} as the step-0 base")
     folder = Path(folder)
     if (folder / META).exists() or (folder / WEIGHTS).exists() or (folder / _LEGACY).exists():
         raise FileExistsError(f"refusing to write a base over the one in {folder} (set it aside first)")
     folder.mkdir(parents=True, exist_ok=True)
+    name = _shard_name("weights", shard)
     tag = f".tmp-{os.getpid()}"
-    save_file({f"{n}.weight": w.contiguous() for n, w in weights.items()}, str(folder / (WEIGHTS + tag)))
-    (folder / (WEIGHTS + tag)).replace(folder / WEIGHTS)
-    save_spectra(folder, spectra)
-    (folder / (META + tag)).write_text(json.dumps({"format": BASE_FORMAT, **meta}, indent=1, default=str))
-    (folder / (META + tag)).replace(folder / META)
+    save_file({f"{n}.weight": w.contiguous() for n, w in weights.items()}, str(folder / (name + tag)))
+    (folder / (name + tag)).replace(folder / name)
+    save_spectra(folder, spectra, shard=shard)
+    if meta is not None and shard is None:
+        _write_meta(folder, meta)
 
 
-def save_spectra(folder: str | Path, spectra: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+def write_index(folder: str | Path, owner: Mapping[str, int], world: int, meta: dict[str, Any]) -> None:
+    """Rank 0 of a sharded run, once every rank saved its part: the index (name -> shard
+    file), then the identity."""
+    if meta.get("step") != 0:
+        raise ValueError(f"refusing to save weights of step {meta.get('step')} as the step-0 base")
+    folder = Path(folder)
+    wmap = {f"{n}.weight": _shard_name("weights", (r, world)) for n, r in sorted(owner.items())}
+    tmp = folder / (INDEX + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"metadata": {"format": BASE_FORMAT}, "weight_map": wmap}, indent=1))
+    tmp.replace(folder / INDEX)
+    _write_meta(folder, meta)
+
+
+def _write_meta(folder: Path, meta: dict[str, Any]) -> None:
+    tmp = folder / (META + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"format": BASE_FORMAT, **meta}, indent=1, default=str))
+    tmp.replace(folder / META)
+
+
+def save_spectra(folder: str | Path, spectra: Mapping[str, Mapping[str, torch.Tensor]], *,
+                 shard: tuple[int, int] | None = None) -> None:  # fmt: skip
     """Add the step-0 spectra to a saved base (atomic file replace); they are computed
     on the worker after the weights are safely on disk."""
     from safetensors.torch import save_file
@@ -104,9 +143,10 @@ def save_spectra(folder: str | Path, spectra: Mapping[str, Mapping[str, torch.Te
     flat = {f"{n}::{f}": t.contiguous() for n, s in spectra.items() for f, t in s.items()}
     if not flat:
         return
-    tmp = Path(folder) / (SPECTRA + f".tmp-{os.getpid()}")
+    name = _shard_name("spectra", shard)
+    tmp = Path(folder) / (name + f".tmp-{os.getpid()}")
     save_file(flat, str(tmp))
-    tmp.replace(Path(folder) / SPECTRA)
+    tmp.replace(Path(folder) / name)
 
 
 def _load_legacy(folder: Path) -> LoadedBase | None:
@@ -121,21 +161,40 @@ def _load_legacy(folder: Path) -> LoadedBase | None:
     return LoadedBase(weights=weights, spectra={}, meta={"format": "rlmonitor.base/1", **meta})
 
 
-def load_base(folder: str | Path) -> LoadedBase | None:
-    """What :func:`save_base` wrote (or a 0.1 base), or None if there is none."""
-    from safetensors.torch import load_file
+def _read(files: list[Path], keep) -> dict[str, torch.Tensor]:
+    """Tensors whose key ``keep`` accepts, read only those (safetensors' lazy reads)."""
+    from safetensors import safe_open
 
+    out = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open handles are not mappings
+                if keep(key):
+                    out[key] = handle.get_tensor(key)
+    return out
+
+
+def load_base(folder: str | Path, names: set[str] | None = None) -> LoadedBase | None:
+    """What :func:`save_base` wrote (or a 0.1 base), or None if there is none. ``names``:
+    load only these matrices (a rank of a sharded run reads its own)."""
     folder = Path(folder)
-    if not (folder / WEIGHTS).exists() or not (folder / META).exists():
+    if not (folder / META).exists() or not ((folder / WEIGHTS).exists() or (folder / INDEX).exists()):
         return _load_legacy(folder)
     meta = json.loads((folder / META).read_text())
-    weights = {k[: -len(".weight")]: v for k, v in load_file(str(folder / WEIGHTS)).items()}
+    if (folder / INDEX).exists():
+        files = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
+        weight_files = [folder / f for f in files]
+        spectra_files = sorted(folder.glob("spectra-*-of-*.safetensors"))
+    else:
+        weight_files = [folder / WEIGHTS]
+        spectra_files = [folder / SPECTRA] if (folder / SPECTRA).exists() else []
+    wanted = (lambda n: True) if names is None else (lambda n: n in names)
+    weights = {k[: -len(".weight")]: v for k, v in _read(weight_files, lambda k: wanted(k[: -len(".weight")])).items()}
     spectra: dict[str, dict[str, torch.Tensor]] = {}
-    if (folder / SPECTRA).exists():
-        for k, v in load_file(str(folder / SPECTRA)).items():
-            name, _, field = k.rpartition("::")
-            spectra.setdefault(name, {})[field] = v
-    return LoadedBase(weights=weights, spectra=spectra, meta=meta)
+    for k, v in _read(spectra_files, lambda k: wanted(k.rpartition("::")[0])).items():
+        name, _, field_ = k.rpartition("::")
+        spectra.setdefault(name, {})[field_] = v
+    return LoadedBase(weights=weights, spectra=spectra, meta=meta, partial=names is not None)
 
 
 def identity_problem(base: LoadedBase) -> str | None:
@@ -151,7 +210,10 @@ def identity_problem(base: LoadedBase) -> str | None:
     if not isinstance(listed, dict):
         return "no matrix list in its identity"
     held = {n: list(w.shape) for n, w in base.weights.items()}
-    if {n: list(s) for n, s in listed.items()} != held:
+    listed = {n: list(s) for n, s in listed.items()}
+    if base.partial:  # a rank's share: what it holds must be listed, with the same shapes
+        listed = {n: s for n, s in listed.items() if n in held}
+    if listed != held:
         missing, extra = sorted(set(listed) - set(held)), sorted(set(held) - set(listed))
         return (f"its matrix list does not match its weights file ({len(missing)} listed but not stored, "
                 f"{len(extra)} stored but not listed, or other shapes)")

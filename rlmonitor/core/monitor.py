@@ -40,11 +40,20 @@ import torch
 
 from . import exits, keys
 from . import spectral as spectral_engine
-from .basestore import fingerprint, identity_problem, load_base, save_base, save_spectra, set_aside_base
+from .basestore import (
+    fingerprint,
+    identity_problem,
+    load_base,
+    save_base,
+    save_spectra,
+    set_aside_base,
+    write_index,
+)
 from .config import GeometryConfig
 from .dashboards import Dashboard, png_array, render_png, save_pngs
 from .engine import GeometryAnalyzer, GeometryRecord
 from .naming import MatrixSpec
+from .sharding import Shards
 from .sinks import LocalSink, LogItem, WandbSink
 from .snapshot import Snapshot, SnapshotTaker
 from .worker import MonitorWorker
@@ -63,10 +72,12 @@ class GeometryMonitor:
         specs: the monitored matrices, in the order ``read`` yields them.
         folder: where local records, plots and the base go.
         itemsizes: bytes per element of each matrix as the model holds it (for the budget).
-        main: whether this process keeps, analyses and logs (rank 0); other ranks only
-            join the reads (collectives of sharded parameters).
-        sharded: reads are collectives every rank must join, so they always run.
+        main: whether this process logs (rank 0).
+        sharded: reads are collectives every rank must join (FSDP2, ZeRO-3 parameters).
         identity: extra text identifying the model (part of the base's fingerprint).
+        shards: who owns which matrix in a distributed run (:class:`~rlmonitor.core.sharding.Shards`);
+            each rank keeps and measures its own matrices, rank 0 aggregates and logs.
+            Default: one process owns everything.
     """
 
     def __init__(
@@ -79,9 +90,14 @@ class GeometryMonitor:
         main: bool = True,
         sharded: bool = False,
         identity: str = "",
+        shards: Shards | None = None,
     ) -> None:
         self.config, self.specs, self.folder = config, list(specs), Path(folder)
         self.itemsizes, self.main, self.sharded = dict(itemsizes), main, sharded
+        self.shards = shards if shards is not None else Shards.single(self.specs)
+        self.mine = self.shards.mine(self.specs)  # the matrices this process keeps and measures
+        #: this process measures (rank 0 of one process, every rank of a distributed run)
+        self.active = main or self.shards.distributed
         self.fingerprint = fingerprint(self.specs, identity)
         self.groups = self._rotation(self.specs)
         need = self.estimate_bytes()
@@ -92,7 +108,7 @@ class GeometryMonitor:
                 "snapshot_dtype='bfloat16', layers_per_snapshot=<n> (rotate through the layers), "
                 "compare_previous=False, spectral=False, or monitor fewer modules with include=/exclude= patterns."
             )
-        per_snapshot = max(max(self.snapshot_bytes(g) for g in self.groups), 1)
+        per_snapshot = max(max(self.snapshot_bytes(self._owned(g)) for g in self.groups), 1)
         spare = int((config.max_snapshot_memory_gb * _GIB - need) // per_snapshot)
         self.max_pending = max(1, min(8, 1 + spare))
         self.errors = 0
@@ -116,6 +132,7 @@ class GeometryMonitor:
         self._abandoned = False  # the end's flush timed out: late results are discarded
         self._deadline: float | None = None  # one bounded wait for the whole end (finish/close)
         self._dropped_step: int | None = None  # the last step whose snapshot was dropped
+        self._others = {"errors": 0, "held": 0}  # from the other ranks' latest records
 
     # -- sizes -------------------------------------------------------------------------
     def _dtype(self) -> torch.dtype | None:
@@ -125,14 +142,21 @@ class GeometryMonitor:
         dtype = self._dtype()
         return sum(s.numel * (dtype.itemsize if dtype else self.itemsizes.get(s.name, 4)) for s in specs)
 
+    def _owned(self, specs: Iterable[MatrixSpec]) -> list[MatrixSpec]:
+        names = {s.name for s in self.mine}
+        return [s for s in specs if s.name in names]
+
     def estimate_bytes(self, pending: int = 1) -> int:
-        """Host memory held: the base and (with compare_previous) the previous values of
-        every matrix, the current and ``pending`` queued snapshots of one rotation group,
-        the masks and the step-0 spectra."""
+        """Host memory this process holds: the base and (with compare_previous) the
+        previous values of its matrices, the current and ``pending`` queued snapshots of
+        its part of one rotation group, the masks and the step-0 spectra; in a sharded
+        run, plus one matrix being gathered."""
         cfg = self.config
-        group = max((self.snapshot_bytes(g) for g in self.groups), default=0)
-        total = self.snapshot_bytes(self.specs) * (2 if cfg.compare_previous else 1) + (1 + pending) * group
-        for s in self.specs:
+        group = max((self.snapshot_bytes(self._owned(g)) for g in self.groups), default=0)
+        total = self.snapshot_bytes(self.mine) * (2 if cfg.compare_previous else 1) + (1 + pending) * group
+        if self.shards.distributed and self.sharded:
+            total += max((self.snapshot_bytes([s]) for s in self.specs), default=0)
+        for s in self.mine:
             m, n = s.shape
             total += m * n * (3 if cfg.spectral else 1)  # bool masks
             if cfg.spectral:
@@ -160,7 +184,8 @@ class GeometryMonitor:
                           "counted in geometry/errors", RuntimeWarning, stacklevel=3)  # fmt: skip
 
     def total_errors(self) -> int:
-        total = self.errors
+        """Failures of this process (and, on rank 0 of a sharded run, the other ranks')."""
+        total = self.errors + self._others["errors"]
         for part in (self.analyzer, self.worker):
             total += part.errors if part is not None else 0
         for sink in (self.local, self.wandb):
@@ -171,28 +196,36 @@ class GeometryMonitor:
     def start(self, step: int, read: Reader, token: object, wandb_run: Any = None) -> None:
         """Set up at train start (``step`` > 0: a resumed run) and take or load the base."""
         self.last_step = step
-        if not self.main:
+        if not self.active:
             if self.sharded and step == 0:
                 for _ in read(self.specs):  # join the base gathers
                     pass
             return
         cfg = self.config
-        self.local = LocalSink.for_folder(self.folder)
-        self.local.begin(step, token)
-        self.wandb = WandbSink(wandb_run, wandb_sections(cfg)) if wandb_run is not None and cfg.wandb == "auto" else None
+        if self.main:
+            self.local = LocalSink.for_folder(self.folder)
+            self.local.begin(step, token)
+            run = wandb_run if cfg.wandb == "auto" else None
+            self.wandb = WandbSink(run, wandb_sections(cfg)) if run is not None else None
+            self.dashboard = Dashboard({s.name: s for s in self.specs}, smooth_window=cfg.smooth_window)
         layers = sorted({s.layer for s in self.specs if s.layer is not None})
         heat = cfg.heatmap_layers if cfg.heatmap_layers is not None else (layers[len(layers) // 2],) if layers else ()
         profiles = [s.name for s in self.specs if s.layer in heat and s.kind in cfg.heatmap_kinds]
-        self.analyzer = GeometryAnalyzer(cfg, self.specs, profile_names=profiles)
-        self.dashboard = Dashboard(self.analyzer.specs, smooth_window=cfg.smooth_window)
+        self.analyzer = GeometryAnalyzer(cfg, self.mine or self.specs[:1], profile_names=profiles)
+        if not self.mine:  # a rank that owns nothing (more ranks than matrices) measures nothing
+            self.analyzer.restrict(())
         threads = cfg.worker_threads or max(1, (os.cpu_count() or 1) // 4)
         self.worker = MonitorWorker(async_=cfg.async_metrics, max_pending=self.max_pending, threads=threads)
         self.taker = SnapshotTaker(self._dtype(), slots=self.max_pending + 3)
         exits.register(self)
         base_dir = self.folder / "base"
-        if step == 0:
+        if step == 0 and self.main:
             self._set_aside_old_base(base_dir)
+        if self.shards.distributed:  # rank 0 has moved an old base aside before anyone writes
+            self.shards.agree(True)
         loaded = self._load_base(base_dir) if step > 0 else None
+        if step > 0 and not self.shards.agree(loaded is not None):
+            loaded = None  # every rank takes the same path (each rank's job gathers once)
         if loaded is not None:
             self._adopt_base(loaded, base_dir)
             return
@@ -200,10 +233,23 @@ class GeometryMonitor:
             self.base_is_resumed = True
             warnings.warn(f"rlmonitor: resuming at step {step} without a usable saved base in {base_dir}; measuring "
                           "against the resumed weights (geometry/base_is_resumed=1)", RuntimeWarning, stacklevel=3)  # fmt: skip
-        snap = self.taker.take(step, read(self.specs), pooled=False)
-        meta = {"run_id": self.local.run_id, "step": step, "fingerprint": self.fingerprint, "created": time.time(),
-                "matrices": {s.name: list(s.shape) for s in self.specs}, "config": _config_dict(cfg)}  # fmt: skip
+        snap = self.taker.take(step, self._read_mine(read, self.specs), pooled=False)
+        meta = {"run_id": self.local.run_id if self.local else None, "step": step, "fingerprint": self.fingerprint,
+                "created": time.time(), "matrices": {s.name: list(s.shape) for s in self.specs},
+                "config": _config_dict(cfg)}  # fmt: skip
         self._submit(lambda: self._base_job(snap, base_dir, meta, save=step == 0), snap, block=True)
+
+    def _read_mine(self, read: Reader, specs: list[MatrixSpec]) -> Iterator[tuple[str, torch.Tensor]]:
+        """This process's matrices of ``specs``. Sharded parameters: every rank joins
+        every matrix's gather (in the same order) and keeps its own; replicated ones:
+        only its own are read."""
+        names = {s.name for s in self.mine}
+        if not self.sharded:
+            yield from read([s for s in specs if s.name in names])
+            return
+        for name, t in read(specs):
+            if name in names:
+                yield name, t
 
     def _set_aside_old_base(self, base_dir: Path) -> None:
         """A fresh run: move an older run's base (and its KL probe) aside now, on this
@@ -216,7 +262,7 @@ class GeometryMonitor:
     def _load_base(self, base_dir: Path):
         """The saved base if it passes its identity check, else None (warned; left in place)."""
         try:
-            loaded = load_base(base_dir)
+            loaded = load_base(base_dir, {s.name for s in self.mine} if self.shards.distributed else None)
         except Exception as e:  # unreadable files: measured against the resumed weights, flagged
             self.fail("loading the saved base", e)
             return None
@@ -228,9 +274,9 @@ class GeometryMonitor:
         return loaded
 
     def _adopt_base(self, loaded, base_dir: Path) -> None:
-        shapes = {s.name: s.shape for s in self.specs}
+        shapes = {s.name: s.shape for s in self.mine}
         have = {n for n, w in loaded.weights.items() if shapes.get(n) == tuple(w.shape)}
-        self.without_base = [s.name for s in self.specs if s.name not in have]
+        self.without_base = [s.name for s in self.mine if s.name not in have]
         if self.without_base:
             warnings.warn(
                 f"rlmonitor: the saved base in {base_dir} lacks {len(self.without_base)} of the monitored matrices: "
@@ -254,15 +300,17 @@ class GeometryMonitor:
         def job() -> None:
             self.analyzer.set_base(weights, spectra or None)
             self._held_bytes = self.analyzer.memory_bytes()
+            self._base_gather(None, None)
 
         if not self.worker.submit(job, block=True, timeout=self.config.flush_timeout_s):
             self.fail("loading the saved base", TimeoutError("the worker did not take the job"))
 
     def _base_job(self, snap: Snapshot, base_dir: Path, meta: dict, save: bool) -> None:
         snap.wait()
+        shard = (self.shards.rank, self.shards.world) if self.shards.distributed else None
         if save:
             try:
-                save_base(base_dir, snap.tensors, {}, meta)
+                save_base(base_dir, snap.tensors, {}, meta if shard is None else None, shard=shard)
             except Exception as e:
                 self.fail("saving the base", e)
         self.analyzer.set_base(snap.tensors)
@@ -270,9 +318,25 @@ class GeometryMonitor:
         if save:
             try:
                 spectra = {n: spectral_engine.to_tensors(s) for n, s in self.analyzer.base_spectra().items()}
-                save_spectra(base_dir, spectra)
+                save_spectra(base_dir, spectra, shard=shard)
             except Exception as e:
                 self.fail("saving the base spectra", e)
+        self._base_gather(base_dir if save and shard else None, meta)
+
+    def _base_gather(self, index_dir: Path | None, meta: dict | None) -> None:
+        """Sharded runs: every rank reports its base (matrices without one, errors); rank 0
+        then writes the index and identity of a sharded base (every part is on disk)."""
+        if not self.shards.distributed:
+            return
+        parts = self.shards.gather({"without_base": self.without_base, "errors": self._own_errors()})
+        if parts is None:
+            return
+        self.without_base = [n for part in parts for n in part["without_base"]]
+        if index_dir is not None:
+            try:
+                write_index(index_dir, self.shards.owner, self.shards.world, meta)
+            except Exception as e:
+                self.fail("saving the base index", e)
 
     # -- snapshots -------------------------------------------------------------------------
     def due(self, step: int) -> bool:
@@ -292,7 +356,7 @@ class GeometryMonitor:
         memory budget; the final one waits for room (at most ``flush_timeout_s``).
         Sharded runs never drop (every rank must join the same gathers)."""
         group, partial = self._next_group()
-        if not self.main:
+        if not self.active:
             self.last_step = step
             self._rotation_index += 1
             if self.sharded:
@@ -300,17 +364,23 @@ class GeometryMonitor:
                     pass
             return True
         budget = self.config.max_snapshot_memory_gb * _GIB
-        busy = not self.worker.has_room() or self.held_bytes() + self.snapshot_bytes(group) > budget
-        if not final and not self.sharded and busy:
+        mine = self._owned(group)
+        busy = not self.worker.has_room() or self.held_bytes() + self.snapshot_bytes(mine) > budget
+        if self.shards.distributed:  # one decision for all ranks: their gathers must match
+            busy = not self.shards.agree(final or not busy)
+        elif self.sharded:
+            busy = False  # one process, sharded parameters: nothing to align, never drop
+        if not final and busy:
             self.dropped += 1
             self._dropped_step = step
             self.worker.drop()
             return False
         self.last_step = step
         self._rotation_index += 1
-        snap = self.taker.take(step, read(group), pooled=not partial)
+        snap = self.taker.take(step, self._read_mine(read, group), pooled=not partial)
         snap.partial, snap.extra = partial, dict(extra or {})
-        return self._submit(lambda: self._analyze(snap, final), snap, block=final or self.sharded)
+        block = final or self.sharded or self.shards.distributed
+        return self._submit(lambda: self._analyze(snap, final), snap, block=block)
 
     def _timeout(self) -> float:
         """Seconds a blocking wait may take: ``flush_timeout_s``, or what is left of it
@@ -339,14 +409,27 @@ class GeometryMonitor:
         with self._lock:
             self._inflight.pop(id(snap), None)
 
+    def _own_errors(self) -> int:
+        return self.total_errors() - self._others["errors"]
+
     def _analyze(self, snap: Snapshot, final: bool) -> None:
+        t0 = time.perf_counter()
         snap.wait()
-        rec: GeometryRecord = self.analyzer.analyze(snap.step, snap.tensors, partial=snap.partial)
+        measured: GeometryRecord = self.analyzer.measure(snap.step, snap.tensors, partial=snap.partial)
         snap.tensors = {}
         self._snapshots_done += 1
         with self._lock:  # its tensors are now the analyzer's "previous" (or freed): count them once
             self._held_bytes = self.analyzer.memory_bytes()
             self._inflight.pop(id(snap), None)
+        parts = self.shards.gather({
+            "matrices": measured.matrices, "profiles": measured.profiles, "angle_curves": measured.angle_curves,
+            "errors": self._own_errors(), "held": self.held_bytes(), "seconds": time.perf_counter() - t0,
+        })  # fmt: skip
+        if parts is None:  # not rank 0: rank 0 aggregates and logs
+            return
+        rec = self._merge(snap.step, parts)
+        rec = self.analyzer.combine(rec, partial=snap.partial)
+        rec.scalars[keys.METRIC_SECONDS] = max(p["seconds"] for p in parts)
         item = LogItem(step=snap.step, scalars=self._system_scalars(rec, snap), info=dict(rec.info))
         self.dashboard.update(rec)
         every = self.config.plot_every_n_snapshots
@@ -356,13 +439,26 @@ class GeometryMonitor:
             rec.matrices.append({"step": snap.step, "name": name, "no_base": True})
         self._emit(item, rec.matrices)
 
+    def _merge(self, step: int, parts: list[dict[str, Any]]) -> GeometryRecord:
+        """Every rank's per-matrix measurements as one record, in the monitored order."""
+        order = {s.name: i for i, s in enumerate(self.specs)}
+        rec = GeometryRecord(step=step)
+        for part in parts:
+            rec.matrices.extend(part["matrices"])
+            rec.profiles.update(part["profiles"])
+            rec.angle_curves.update(part["angle_curves"])
+        rec.matrices.sort(key=lambda m: order.get(m["name"], len(order)))
+        self._others = {"errors": sum(p["errors"] for p in parts[1:]), "held": max((p["held"] for p in parts[1:]),
+                                                                                   default=0)}  # fmt: skip
+        return rec
+
     def _system_scalars(self, rec: GeometryRecord, snap: Snapshot) -> dict[str, float]:
         scalars = dict(rec.scalars)
         step_kl, step_w = snap.extra.get(keys.KL_STEP), scalars.get(keys.WEIGHT_STEP_FRO2)
         if step_kl and step_w is not None:
             scalars[keys.KL_WEIGHT_STEP_RATIO] = step_w / (2.0 * step_kl)
         scalars[keys.SNAPSHOT_SECONDS] = snap.seconds
-        scalars[keys.SNAPSHOT_BYTES] = float(self.held_bytes())
+        scalars[keys.SNAPSHOT_BYTES] = float(max(self.held_bytes(), self._others["held"]))
         scalars[keys.DROPPED] = float(self.dropped)
         scalars[keys.ERRORS] = float(self.total_errors())
         if self.base_is_resumed:
@@ -425,13 +521,14 @@ class GeometryMonitor:
         dropped is measured now and no longer counted as dropped."""
         self._deadline = time.monotonic() + self.config.flush_timeout_s
         if step != self.last_step:
-            if self.main and self._dropped_step == step:
+            if self.active and self._dropped_step == step:
                 self.dropped -= 1
                 self.worker.dropped -= 1
             self.snapshot(step, read, final=True, extra=extra)
-        if not self.main or self.worker is None:
+        if not self.active or self.worker is None:
             return
-        self.worker.submit(self._final_plots, block=True, timeout=self._timeout())
+        if self.main:
+            self.worker.submit(self._final_plots, block=True, timeout=self._timeout())
         self.close("train end")
 
     def _final_plots(self) -> None:

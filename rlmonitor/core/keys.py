@@ -183,7 +183,8 @@ ERRORS = Key("geometry/errors", section="system", summary="max",
              meaning="cumulative count of failed metric computations and failed writes of any sink")  # fmt: skip
 METRIC_SECONDS = Key("geometry/metric_seconds", section="system", meaning="background compute time of this snapshot")
 SNAPSHOT_SECONDS = Key("geometry/snapshot_seconds", section="system",
-                       meaning="training-thread time spent taking this snapshot")  # fmt: skip
+                       meaning="training-thread time spent taking this snapshot (GPU: enqueueing the device-to-host copies; the copy "
+                               "itself delays the next optimizer step)")  # fmt: skip
 ROTATION_STALENESS = Key("geometry/rotation_staleness_steps", section="system",
                          meaning="with layers_per_snapshot, age of the oldest per-layer measurement in the aggregates")  # fmt: skip
 SNAPSHOT_BYTES = Key("geometry/snapshot_bytes", section="diagnostics", summary="max",

@@ -347,8 +347,12 @@ class GeometryMonitor:
         return self.groups[self._rotation_index % len(self.groups)], len(self.groups) > 1
 
     def held_bytes(self) -> int:
+        """Host memory held now: base state, previous snapshot, queued snapshots, and the
+        pinned pool of GPU snapshots beyond those."""
         with self._lock:
-            return self._held_bytes + sum(self._inflight.values())
+            held = self._held_bytes + sum(self._inflight.values())
+        pooled = self.taker.pooled_bytes() if getattr(self, "taker", None) is not None else 0
+        return max(held, pooled + self._held_bytes)
 
     def snapshot(self, step: int, read: Reader, *, final: bool = False, extra: dict[str, float] | None = None) -> bool:
         """Copy the weights of the next group and queue their analysis. A non-final

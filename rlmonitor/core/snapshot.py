@@ -6,8 +6,10 @@ only enqueues the copies (no host sync); the training stream waits for the side
 stream before its next kernel, so the optimizer cannot overwrite a weight that is
 still being copied. GPU memory is untouched (a second copy of an 8B model would
 not fit beside training), the math runs on the worker thread in CPU memory, and
-the GPU cost is one PCIe transfer per interval. Pinned buffers are reused from a
-small pool (allocating pinned memory is slow).
+the GPU cost is one PCIe transfer per interval (``geometry/snapshot_seconds`` is then
+the time to enqueue the copies; the copy itself delays the next optimizer step).
+Pinned buffers are reused from a small pool (allocating pinned memory is slow); the
+pool's bytes count in ``geometry/snapshot_bytes``.
 
 CPU tensors are simply copied (``Tensor.to(..., copy=True)``).
 """
@@ -61,6 +63,10 @@ class SnapshotTaker:
         self._count = 0
         self._stream = None
 
+    def pooled_bytes(self) -> int:
+        """Pinned host memory held by the buffer pool (GPU snapshots; 0 on CPU)."""
+        return sum(t.numel() * t.element_size() for slot in self._pool for t in slot.values())
+
     def take(self, step: int, tensors: Iterable[tuple[str, torch.Tensor]], *, pooled: bool = True) -> Snapshot:
         t0 = time.perf_counter()
         out: dict[str, torch.Tensor] = {}
@@ -91,6 +97,6 @@ class SnapshotTaker:
         event = None
         if cuda_used:
             event = self._stream.record_event()
-            # the optimizer's next in-place update must wait for the copies
-            torch.cuda.current_stream().wait_stream(self._stream)
+            # the optimizer's next in-place update must wait for the copies (on the copies' device)
+            torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
         return Snapshot(step=step, tensors=out, seconds=time.perf_counter() - t0, event=event)

@@ -1,4 +1,4 @@
-"""The accuracy contract of the certified spectral path (rlmonitor.metrics.spectral_change).
+"""The accuracy contract of the certified spectral path (rlmonitor.metrics.spectral_contract).
 
 For every value returned (both principal-angle curves, the top-k and full-spectrum drift):
     |got - exact| <= max(REL_TOL |exact|, floor)       floor: 1e-6 rad (angles), 1e-8 (drift)

@@ -29,7 +29,7 @@ from .spectral import (
     subspace_angles,
     top_k_svd,
 )
-from .spectral_change import (
+from .spectral_contract import (
     ANGLE_FLOOR,
     DRIFT_FLOOR,
     MIN_REL_GAP,

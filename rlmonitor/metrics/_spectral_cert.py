@@ -1,5 +1,5 @@
 """Certified top-k singular triplets of a weight matrix near a known one (the private
-numerics behind :mod:`rlmonitor.metrics.spectral_change`).
+numerics behind :mod:`rlmonitor.metrics.spectral_contract`).
 
 Everything here works on a *tall* matrix ``A`` (``m >= n``; callers transpose wide
 ones) and on its right singular space ``R^n``, in fp64. ``B = A^T A``.
@@ -41,7 +41,7 @@ Certificates (``B = [[Theta, R^T], [R, D]]`` in the basis ``[V_all, Q_perp]``)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -80,21 +80,21 @@ def chunk_rows(a: torch.Tensor) -> int:
     return max(16, _CHUNK_ELEMENTS // max(1, a.shape[1]))
 
 
-def fused_pass(a: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``Y = A Q`` and ``Z = A^T Y`` in fp64 in one sweep over ``A`` (row chunks of ``A``
+def fused_pass(a: torch.Tensor, q: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> None:
+    """``y = A q`` and ``z = A^T y`` in fp64 in one sweep over ``A`` (row chunks of ``A``
     are converted to fp64 into one reused buffer; each chunk serves both products)."""
     m, n = a.shape
     chunk = chunk_rows(a)
-    y = torch.empty(m, q.shape[1], dtype=torch.float64, device=a.device)
     zt = torch.zeros(q.shape[1], n, dtype=torch.float64, device=a.device)
     buf = torch.empty(min(chunk, m), n, dtype=torch.float64, device=a.device)
     for s in range(0, m, chunk):
         e = min(m, s + chunk)
         blk = buf[: e - s]
         blk.copy_(a[s:e])
-        torch.mm(blk, q, out=y[s:e])
-        zt.addmm_(y[s:e].mT, blk)
-    return y, zt.mT
+        ys = y[s:e]
+        torch.mm(blk, q, out=ys)
+        zt.addmm_(ys.mT, blk)
+    z.copy_(zt.mT)
 
 
 def norms_pass(a1: torch.Tensor, a0: torch.Tensor | None) -> tuple[float, float | None]:
@@ -130,51 +130,69 @@ def orth_against(z: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(q).Q
 
 
-@dataclass
 class Krylov:
-    """Search space ``Q = [Q_0, Q_1, ...]`` (orthonormal, ``n x D``) with ``A Q`` and ``B Q``."""
+    """Search space ``Q = [Q_0, Q_1, ...]`` (orthonormal, ``n x D``) with ``Y = A Q``,
+    ``Z = B Q`` and the Gram ``G = Q^T B Q``, grown block by block into buffers of
+    ``cap`` columns (no re-concatenation)."""
 
-    a: torch.Tensor
-    q: list[torch.Tensor] = field(default_factory=list)
-    y: list[torch.Tensor] = field(default_factory=list)
-    z: list[torch.Tensor] = field(default_factory=list)
-
-    def add(self, q: torch.Tensor) -> None:
-        y, z = fused_pass(self.a, q)
-        self.q.append(q)
-        self.y.append(y)
-        self.z.append(z)
-
-    def expand(self, r: torch.Tensor) -> None:
-        """Add the directions of ``r`` (Ritz residuals: the block Krylov step
-        ``B V_b - V_b Theta_b`` of the top Ritz vectors, already orthogonal to ``Q``)."""
-        self.add(orth_against(r, torch.cat(self.q, dim=1)))
+    def __init__(self, a: torch.Tensor, cap: int) -> None:
+        m, n = a.shape
+        opts = {"dtype": torch.float64, "device": a.device}
+        self.a, self.dim = a, 0
+        self._q, self._y, self._z = (torch.empty(r, cap, **opts) for r in (n, m, n))
+        self._g = torch.empty(cap, cap, **opts)
 
     @property
-    def dim(self) -> int:
-        return sum(q.shape[1] for q in self.q)
+    def q(self) -> torch.Tensor:
+        return self._q[:, : self.dim]
+
+    @property
+    def y(self) -> torch.Tensor:
+        return self._y[:, : self.dim]
+
+    @property
+    def z(self) -> torch.Tensor:
+        return self._z[:, : self.dim]
+
+    @property
+    def g(self) -> torch.Tensor:
+        return self._g[: self.dim, : self.dim]
+
+    def add(self, q: torch.Tensor) -> None:
+        d, c = self.dim, q.shape[1]
+        self._q[:, d : d + c] = q
+        fused_pass(self.a, q, self._y[:, d : d + c], self._z[:, d : d + c])
+        self.dim = d + c
+        col = self.q.mT @ self._z[:, d : d + c]  # G[:, new] = Q^T B Q_new
+        self._g[: d + c, d : d + c] = col
+        self._g[d : d + c, :d] = col[:d].mT
+
+    def expand(self, r: torch.Tensor) -> None:
+        """Add the directions of ``r`` (Ritz residuals ``B V_b - V_b Theta_b`` of the top
+        Ritz vectors: the block Krylov step, already orthogonal to ``Q`` up to rounding)."""
+        self.add(orth_against(r, self.q))
 
 
 @dataclass
 class Ritz:
-    """Rayleigh-Ritz of ``B`` on ``span(Q)``: ``theta^2`` (descending), the Ritz vectors
-    ``V_all = Q W`` and their residuals ``R_all = B V_all - V_all diag(theta^2)``."""
+    """Rayleigh-Ritz of ``B`` on ``span(Q)``: ``theta^2`` (descending) and the
+    eigenvectors ``W`` of ``G = Q^T B Q``; :meth:`top` forms Ritz vectors and residuals."""
 
+    kr: Krylov
     th2: torch.Tensor
     wz: torch.Tensor
-    v_all: torch.Tensor
-    r_all: torch.Tensor
-    y: torch.Tensor
-    q_err: float  # ||Q^T Q - I||_F
+
+    def top(self, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``V = Q W[:, :cols]`` and ``R = B V - V diag(theta^2) = Z W[:, :cols] - ...``."""
+        w = self.wz[:, :cols]
+        v = self.kr.q @ w
+        return v, self.kr.z @ w - v * self.th2[:cols]
 
 
 def rayleigh_ritz(kr: Krylov) -> Ritz:
-    q, y, z = (torch.cat(t, dim=1) for t in (kr.q, kr.y, kr.z))
-    g = q.mT @ z
+    g = kr.g
     th2, wz = torch.linalg.eigh(0.5 * (g + g.mT))
-    th2, wz = th2.flip(-1).clamp_min(0.0), wz.flip(-1)
-    v_all = q @ wz
-    return Ritz(th2, wz, v_all, z @ wz - v_all * th2, y, _ortho_error(q))
+    return Ritz(kr, th2.flip(-1).clamp_min(0.0), wz.flip(-1))
 
 
 @dataclass
@@ -252,15 +270,16 @@ def _refined_sin(th2k: float, th2_perp: torch.Tensor, nmat: torch.Tensor, tau2: 
     return math.sqrt(1.0 + kh2) * min(rkf, math.sqrt(k) * rk2) / den
 
 
-def ritz_certify(rr: Ritz, shape: tuple[int, int], k: int, tau2: float, fro2: float) -> Triplets | None:
+def ritz_certify(rr: Ritz, k: int, tau2: float, fro2: float) -> Triplets | None:
     """Certificates of the top-k Ritz triplets (module docstring), or None when the
     space cannot certify a top-k gap (``theta_k^2 <= lm``)."""
-    (m, n), d = shape, rr.th2.numel()
-    th2, r_all = rr.th2, rr.r_all
+    (m, n), d = rr.kr.a.shape, rr.th2.numel()
+    th2 = rr.th2
     th2k = float(th2[k - 1])
     if not th2k > 0:
         return None
-    slack = slack_b(m, n, d, fro2) + 4.0 * fro2 * rr.q_err
+    v_all, r_all = rr.top(d)
+    slack = slack_b(m, n, d, fro2) + 4.0 * fro2 * _ortho_error(rr.kr.q)
     rk = r_all[:, :k]
     rk2 = float(torch.linalg.matrix_norm(rk, ord=2)) + slack
     rkf = float(torch.linalg.matrix_norm(rk)) + math.sqrt(k) * slack
@@ -274,8 +293,8 @@ def ritz_certify(rr: Ritz, shape: tuple[int, int], k: int, tau2: float, fro2: fl
     delta = th2k - lm
     sin_v = min(rk2 / delta, _refined_sin(th2k, th2[k:], nmat, tau2, rk2, rkf, k))
     th = th2[:k].sqrt()
-    u = (rr.y @ rr.wz[:, :k]) / th
-    v = rr.v_all[:, :k]
+    u = (rr.kr.y @ rr.wz[:, :k]) / th
+    v = v_all[:, :k]
     sin_v = sin_v + _ortho_error(v)
     sin_u = math.sqrt(lm) / math.sqrt(th2k) * sin_v + _ortho_error(u)
     theta_slack = slack + 4.0 * d * EPS64 * float(th2[0])  # Ritz values: |dG| <= slack, eigh rounding
@@ -283,7 +302,50 @@ def ritz_certify(rr: Ritz, shape: tuple[int, int], k: int, tau2: float, fro2: fl
     return Triplets(u, th, v, min(sin_u, 1.0), min(sin_v, 1.0), s_err, math.sqrt(lm))
 
 
-def exact_certify(a: torch.Tensor, k: int) -> Triplets:
+def _gram(a: torch.Tensor) -> torch.Tensor:
+    """``A^T A`` in fp64, one chunked sweep."""
+    m, n = a.shape
+    chunk = chunk_rows(a)
+    g = torch.zeros(n, n, dtype=torch.float64, device=a.device)
+    buf = torch.empty(min(chunk, m), n, dtype=torch.float64, device=a.device)
+    for s in range(0, m, chunk):
+        blk = buf[: min(m, s + chunk) - s]
+        blk.copy_(a[s : s + blk.shape[0]])
+        g.addmm_(blk.mT, blk)
+    return g
+
+
+def exact_gram(a: torch.Tensor, k: int) -> Triplets | None:
+    """Top-k triplets from the full eigendecomposition of the fp64 Gram ``G = A^T A``
+    (``V``: eigenvectors, ``S = sqrt(eigenvalues)``, ``U = A V / S``), certified by
+    Wedin's theorem with the residuals ``R1 = A V - U S`` and ``R2 = A^T U - V S``
+    computed in fp64 and ``sigma_{k+1}(A)^2 <= lambda_{k+1}(G) + e_G``, where
+    ``e_G = 1.1 (m + 4n) u ||A||_F^2`` bounds the rounding of ``G`` and of ``eigh``
+    (Weyl). About twice as fast as the fp64 SVD; None if ``sigma_k = 0``."""
+    m, n = a.shape
+    g = _gram(a)
+    fro2 = float(g.diagonal().sum())
+    th2, w = torch.linalg.eigh(g)
+    th2, w = th2.flip(-1), w.flip(-1)
+    e_g = 1.1 * (m + 4 * n) * 0.5 * EPS64 * fro2
+    if not float(th2[k - 1]) > e_g:
+        return None
+    sk = th2[:k].sqrt()
+    v = w[:, :k].contiguous()
+    y, z = torch.empty(m, k, dtype=torch.float64, device=a.device), torch.empty_like(v)
+    fused_pass(a, v, y, z)  # y = A V, z = A^T A V
+    u = y / sk
+    slack = slack_a(m, n, k, fro2)
+    res = max(float(torch.linalg.matrix_norm(y - u * sk, ord=2)),
+              float(torch.linalg.matrix_norm(z / sk - v * sk, ord=2))) + 2.0 * slack
+    nxt = math.sqrt(max(float(th2[k]) if k < n else 0.0, 0.0) + e_g)
+    delta = float(sk[-1]) - nxt
+    sin = min(1.0, res / delta) if delta > 0 else 1.0
+    s_err = torch.clamp(e_g / sk, max=res + e_g / float(sk[-1]))
+    return Triplets(u, sk, v, min(1.0, sin + _ortho_error(u)), min(1.0, sin + _ortho_error(v)), s_err, nxt)
+
+
+def exact_svd(a: torch.Tensor, k: int) -> Triplets:
     """fp64 SVD of ``a``, certified by its own residuals: Wedin's theorem,
     ``max(sin Theta_U, sin Theta_V) <= max(||A V - U S||, ||A^T U - V S||) / delta`` with
     ``delta = s_k - (s_{k+1} + e)``, ``e`` the backward error (:func:`backward_error`),

@@ -4,7 +4,7 @@
 ``top_k_svd`` is the fast fp32 randomized block Krylov SVD: approximate, not
 contract-grade. ``principal_angles`` / ``spectral_drift`` on two weight tensors and
 ``principal_mask`` on a tensor go through the certified fp64 path of
-:mod:`rlmonitor.metrics.spectral_change` (accuracy contract); on precomputed
+:mod:`rlmonitor.metrics.spectral_contract` (accuracy contract); on precomputed
 :class:`TopKSVD` factors they are as accurate as those factors.
 """
 
@@ -377,7 +377,7 @@ def _check_pair(w0: torch.Tensor | TopKSVD, w1: torch.Tensor | TopKSVD, k: int) 
 def _certified(w0: torch.Tensor, w1: torch.Tensor, k: int):
     """The contract path for two weight tensors: exact fp64 base factors of ``w0``,
     then :func:`spectral_change` of ``w1`` against them."""
-    from .spectral_change import base_spectrum, spectral_change
+    from .spectral_contract import base_spectrum, spectral_change
 
     return spectral_change(base_spectrum(w0, k), w1, w0=w0, k=k)
 
@@ -397,7 +397,7 @@ def principal_angles(
     Two weight tensors: the accuracy contract holds (every angle within
     ``max(0.1 theta, 1e-6 rad)`` of the fp64 SVD's answer, certified): this computes
     the fp64 base factors of ``w0`` and calls
-    :func:`~rlmonitor.metrics.spectral_change.spectral_change`; use that directly to
+    :func:`~rlmonitor.metrics.spectral_contract.spectral_change`; use that directly to
     reuse the base across snapshots and to get the error bounds. Identical tensors
     give exactly 0.
 
@@ -444,7 +444,7 @@ def spectral_drift(
     fp64 rounding, see ``spectral_change(..., full_spectrum=True)`` for its bound).
     ``k`` given: over ``sigma_1..sigma_k`` only (logged as ``spectral_drift_topk``).
     Two tensors meet the accuracy contract (within ``max(0.1 drift, 1e-8)``, certified
-    by :func:`~rlmonitor.metrics.spectral_change.spectral_change`); precomputed
+    by :func:`~rlmonitor.metrics.spectral_contract.spectral_change`); precomputed
     :class:`TopKSVD` factors give the drift of their values, as accurate as they are.
     """
     if k is None:
@@ -478,12 +478,12 @@ def principal_mask(w0: torch.Tensor | TopKSVD, k: int, alpha: float) -> torch.Te
     section 5; LIFT uses alpha=0.05, the paper's sparse-RL study 0.5).
 
     A weight tensor: the reconstruction comes from its exact fp64 SVD
-    (:func:`~rlmonitor.metrics.spectral_change.base_spectrum`), so the mask agrees with
+    (:func:`~rlmonitor.metrics.spectral_contract.base_spectrum`), so the mask agrees with
     the exact one up to ties. Precomputed factors (:class:`TopKSVD`, or a
     ``BaseSpectrum`` with ``L >= k``): the reconstruction from those factors. Selects
     exactly ``round(alpha * m * n)`` entries.
     """
-    from .spectral_change import BaseSpectrum, base_spectrum
+    from .spectral_contract import BaseSpectrum, base_spectrum
 
     if isinstance(w0, BaseSpectrum):
         return w0.principal_mask(alpha, k)

@@ -336,8 +336,8 @@ def _tau2(job: _Job, kr: cert.Krylov, fro2: float, diff2: float | None) -> float
         s_next = float(base.S[base.L]) if base.S.numel() > base.L else 0.0
         tau = s_next + 2.0 * base.value_error + float(base.S[0]) * 1e-13 + math.sqrt(diff2) * (1.0 + 1e-12)
         return tau * tau
-    y2 = sum(float(torch.linalg.matrix_norm(y).square()) for y in kr.y)
     m, n = job.a1.shape
+    y2 = float(torch.linalg.matrix_norm(kr.y).square())
     return max(0.0, fro2 - y2) + 4.0 * cert.slack_b(m, n, kr.dim, fro2)
 
 
@@ -358,18 +358,19 @@ def _block(job: _Job) -> int:
     return min(job.k + _BLOCK_EXTRA, job.base.L)
 
 
-def _right_estimate(job: _Job, rr: cert.Ritz, tau2: float) -> tuple[float, float]:
+def _right_estimate(job: _Job, rr: cert.Ritz, vb: torch.Tensor, rb: torch.Tensor, tau2: float) -> tuple[float, float]:
     """``(est, tol)``: ``est`` is a lower bound of both certificates of the right
     subspace (each with its unknown part dropped: ``lm -> theta_{k+1}^2``, ``kK, kH -> 0``),
     ``tol`` what the contract allows for the current Ritz angles (``bound <= floor``
-    or ``(1 + rel_tol) bound <= rel_tol min theta``)."""
+    or ``(1 + rel_tol) bound <= rel_tol min theta``). ``vb``, ``rb``: the top Ritz vectors
+    and their residuals."""
     k = job.k
-    rk = rr.r_all[:, :k]
+    rk = rb[:, :k]
     r2, rf = float(torch.linalg.matrix_norm(rk, ord=2)), float(torch.linalg.matrix_norm(rk))
     th2k = float(rr.th2[k - 1])
     gap_in, gap_out = th2k - float(rr.th2[k]), th2k - tau2
     est = min(r2 / gap_in if gap_in > 0 else math.inf, min(rf, math.sqrt(k) * r2) / gap_out if gap_out > 0 else math.inf)
-    low = float(_angles(job.v0[:, :k], rr.v_all[:, :k]).min())
+    low = float(_angles(job.v0[:, :k], vb[:, :k]).min())
     return est, max(job.angle_floor, job.rel_tol * low / (1.0 + job.rel_tol))
 
 
@@ -377,24 +378,25 @@ def _krylov(job: _Job, fro2: float, diff2: float | None, max_depth: int) -> Spec
     """Deepen the search space (base block, then one block of top-b Ritz residuals per
     depth) until the result meets the contract; None if it cannot within the limits
     (including when the observed convergence rate of ``est`` predicts it cannot)."""
-    kr = cert.Krylov(job.a1)
-    kr.add(job.v0)
     n, b = job.a1.shape[1], _block(job)
+    cap = int(n * _MAX_SPACE)
+    kr = cert.Krylov(job.a1, cap)
+    kr.add(job.v0)
     rr, prev = cert.rayleigh_ritz(kr), None
     for depth in range(1, max_depth + 1):
-        if kr.dim + b > n * _MAX_SPACE:
+        if kr.dim + b > cap:
             return None
-        kr.expand(rr.r_all[:, :b])
+        kr.expand(rr.top(b)[1])
         rr = cert.rayleigh_ritz(kr)
         tau2 = _tau2(job, kr, fro2, diff2)
-        est, tol = _right_estimate(job, rr, tau2)
+        est, tol = _right_estimate(job, rr, *rr.top(b), tau2)
         if est > tol:
             if _give_up(job, kr.dim, depth, est, prev, tol, max_depth):
                 return None
             prev = est
             continue
         prev = est
-        trip = cert.ritz_certify(rr, tuple(job.a1.shape), job.k, tau2, fro2)
+        trip = cert.ritz_certify(rr, job.k, tau2, fro2)
         if trip is None:
             continue
         ch = _assemble(job, trip, "krylov", depth)
@@ -490,4 +492,8 @@ def spectral_change(
     if diff2 == 0.0:
         return _unchanged(job)
     ch = _krylov(job, fro2, diff2, max_depth) if max_depth and _worth_krylov(job, diff2) else None
-    return ch if ch is not None else _assemble(job, cert.exact_certify(job.a1, job.k), "exact", 0)
+    if ch is not None:
+        return ch
+    trip = cert.exact_gram(job.a1, job.k)
+    ch = _assemble(job, trip, "exact", 0) if trip is not None else None
+    return ch if ch is not None and ch.meets_contract else _assemble(job, cert.exact_svd(job.a1, job.k), "exact", 0)

@@ -50,6 +50,15 @@ _CHUNK_ELEMENTS = 1 << 17  # fp64 elements per converted row chunk on CPU (1 MiB
 _BISECT_STEPS = 14
 
 
+def angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Principal angles (fp64, ascending) between orthonormal bases: ``sin`` from
+    ``svdvals(b - a a^T b)`` below pi/4 (no ``arccos`` cancellation), else ``arccos``."""
+    c = a.mT @ b
+    cos = torch.linalg.svdvals(c).clamp(0.0, 1.0)
+    sin = torch.linalg.svdvals(b - a @ c).clamp(0.0, 1.0).flip(-1)
+    return torch.where(sin * sin < 0.5, torch.arcsin(sin), torch.arccos(cos))
+
+
 def backward_error(shape: tuple[int, int], sigma1: float) -> float:
     """A-priori bound on the backward error of LAPACK's fp64 SVD: the computed triplets
     are exact for ``A + E`` with ``||E||_2 <= 4 max(m, n) eps64 sigma_1`` (the "modestly
@@ -287,16 +296,20 @@ def ritz_certify(rr: Ritz, k: int, tau2: float, fro2: float) -> Triplets | None:
     rpf = float(torch.linalg.matrix_norm(r_perp))
     nmat = r_perp.mT @ r_perp
     nmat.diagonal().add_(2.0 * slack * rpf + slack * slack)  # (R + dR)^T (R + dR) <= N + (2|R||dR| + |dR|^2) I
-    lm = complement_bound(th2[k:], nmat, tau2, th2k)
+    # V^T B V = Theta^2 only up to rounding (<= slack): Weyl allowances on tau^2 and lm
+    tau2 = tau2 + slack
+    lm = complement_bound(th2[k:], nmat, tau2, th2k - slack) + slack
     if not lm < th2k:
         return None
     delta = th2k - lm
-    sin_v = min(rk2 / delta, _refined_sin(th2k, th2[k:], nmat, tau2, rk2, rkf, k))
+    sin_v = min(rk2 / delta, _refined_sin(th2k - slack, th2[k:] + slack, nmat, tau2, rk2, rkf, k))
     th = th2[:k].sqrt()
     u = (rr.kr.y @ rr.wz[:, :k]) / th
     v = v_all[:, :k]
     sin_v = sin_v + _ortho_error(v)
-    sin_u = math.sqrt(lm) / math.sqrt(th2k) * sin_v + _ortho_error(u)
+    # U = fl(Y W_k) / theta differs from A V Theta^-1 by the rounding of Y = A Q (gamma_n |A||Q|)
+    u_round = 1.1 * (n + d) * 0.5 * EPS64 * math.sqrt(fro2 * d) / math.sqrt(th2k)
+    sin_u = math.sqrt(lm) / math.sqrt(th2k) * sin_v + _ortho_error(u) + u_round
     theta_slack = slack + 4.0 * d * EPS64 * float(th2[0])  # Ritz values: |dG| <= slack, eigh rounding
     s_err = (min(rk2, rk2 * rk2 / delta) + theta_slack) / (2.0 * th) + theta_slack / th
     return Triplets(u, th, v, min(sin_u, 1.0), min(sin_v, 1.0), s_err, math.sqrt(lm))
@@ -335,13 +348,13 @@ def exact_gram(a: torch.Tensor, k: int) -> Triplets | None:
     y, z = torch.empty(m, k, dtype=torch.float64, device=a.device), torch.empty_like(v)
     fused_pass(a, v, y, z)  # y = A V, z = A^T A V
     u = y / sk
-    slack = slack_a(m, n, k, fro2)
-    res = max(float(torch.linalg.matrix_norm(y - u * sk, ord=2)),
-              float(torch.linalg.matrix_norm(z / sk - v * sk, ord=2))) + 2.0 * slack
+    # rounding: |A V - y| <= gamma_n |A||V|; |A^T y - z| <= gamma_m |A|^T |y|, divided by s_k in R2
+    r1 = float(torch.linalg.matrix_norm(y - u * sk, ord=2)) + 2.0 * slack_a(m, n, k, fro2)
+    r2 = float(torch.linalg.matrix_norm(z / sk - v * sk, ord=2)) + 1.1 * (m + n) * EPS64 * fro2 / float(sk[-1])
     nxt = math.sqrt(max(float(th2[k]) if k < n else 0.0, 0.0) + e_g)
     delta = float(sk[-1]) - nxt
-    sin = min(1.0, res / delta) if delta > 0 else 1.0
-    s_err = torch.clamp(e_g / sk, max=res + e_g / float(sk[-1]))
+    sin = min(1.0, max(r1, r2) / delta) if delta > 0 else 1.0
+    s_err = e_g / sk  # |sigma_l^2 - s_l^2| <= e_G (Weyl), so |sigma_l - s_l| <= e_G / s_l
     return Triplets(u, sk, v, min(1.0, sin + _ortho_error(u)), min(1.0, sin + _ortho_error(v)), s_err, nxt)
 
 

@@ -298,6 +298,17 @@ def test_ill_conditioned_flag_on_a_vanishing_gap():
     assert not well.ill_conditioned and well.rel_gap > 0.3
 
 
+def test_k_beyond_the_numerical_rank_is_flagged():
+    # W0 of rank 3 in fp32: its singular values 4..8 are rounding noise, so its top-8
+    # subspace is meaningless; the result cannot meet the contract and says so.
+    rng = np.random.default_rng(5)
+    w0 = torch.tensor(rng.standard_normal((300, 3)) @ rng.standard_normal((3, 200)), dtype=torch.float32)
+    w1 = perturb(w0, 1e-4, "dense")
+    ch = spectral_change(base_spectrum(w0, 8), w1, w0=w0, k=8)
+    assert ch.ill_conditioned and not ch.meets_contract
+    check_change(ch, reference(w0, w1, 8), must_meet=False)  # still honest
+
+
 def test_without_w0_the_result_is_still_certified():
     w0 = w0_for("inv", 896, 896)
     w1 = perturb(w0, 1e-4, "sparse")
@@ -421,6 +432,7 @@ def _base() -> BaseSpectrum:
         (lambda: base_spectrum(_W, 31), ValueError, r"^k must be in \[1, "),
         (lambda: base_spectrum(_W, 4, oversample=-2), ValueError, r"^oversample must be"),
         (lambda: base_spectrum(torch.randn(3, 4, 5), 1), ValueError, r"^w0 must be 2-D"),
+        (lambda: base_spectrum(torch.zeros(20, 10), 3), ValueError, r"^w0 is the zero matrix"),
         (lambda: BaseSpectrum.from_dict({"U": torch.zeros(2, 2)}), ValueError, r"missing entries"),
         (lambda: _base().to(torch.float32), ValueError, r"must stay fp64"),
     ],

@@ -162,6 +162,9 @@ def base_spectrum(w0: torch.Tensor, k: int, oversample: int | None = None) -> Ba
         raise ValueError(f"oversample must be a non-negative int or None, got {oversample!r}")
     a = (w0.mT if m < n else w0).detach().to(torch.float64)
     u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    if not float(s[0]) > 0:
+        raise ValueError("w0 is the zero matrix (all singular values 0); its top-k subspaces and the drift "
+                         "are undefined")
     big_l = _choose_l(s, k) if oversample is None else min(s.numel(), k + oversample)
     u, v = u[:, :big_l].contiguous(), vh[:big_l].mT.contiguous()
     sl = s[:big_l]
@@ -182,7 +185,8 @@ class SpectralChange:
     of every top-k singular value of ``W1``, ``drift_*_bound`` of the drift.
     ``rel_gap`` / ``rel_gap1``: ``(sigma_k - sigma_{k+1}) / sigma_k`` of ``W0`` (exact)
     and of ``W1`` (certified lower bound); ``ill_conditioned`` when either is below
-    ``min_rel_gap``. ``method``: "unchanged" (``W1 == W0``), "krylov" (``depth``
+    ``min_rel_gap``, or when even the exact path cannot meet the contract (e.g. ``k``
+    beyond the numerical rank, where the top-k subspace is rounding noise). ``method``: "unchanged" (``W1 == W0``), "krylov" (``depth``
     Krylov blocks beyond the base block) or "exact" (fp64 SVD of ``W1``).
     ``meets_contract``: every bound within the contract.
     """
@@ -305,7 +309,7 @@ def _assemble(job: _Job, trip: cert.Triplets, method: str, depth: int) -> Spectr
         k=k, angles_left=left, angles_right=right, angle_bound_left=b_left, angle_bound_right=b_right,
         sigma0=s0, sigma1=trip.S, sigma_bound=float(trip.s_err.max()) + e0, drift_topk=drift,
         drift_topk_bound=drift_b, rel_gap=gap0, rel_gap1=gap1,
-        ill_conditioned=min(gap0, gap1) < job.min_rel_gap, method=method, depth=depth, meets_contract=ok,
+        ill_conditioned=min(gap0, gap1) < job.min_rel_gap or not ok, method=method, depth=depth, meets_contract=ok,
         drift_full=full[0], drift_full_bound=full[1])
 
 

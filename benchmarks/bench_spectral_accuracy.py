@@ -26,7 +26,10 @@ k = 16: total time of spectral_change at contract accuracy vs torch.linalg.svd (
 every W_t, and separately the one-time cost of base_spectrum for all 168.
 
     python benchmarks/bench_spectral_accuracy.py [--device cpu|cuda] [--quick] [--threads N]
-        [--part grid|qwen|both] [--layers 24] [--spectra inv,sqrt]
+        [--part grid|qwen|both|floor] [--layers 24] [--spectra inv,sqrt] [--qwen-spectra inv,sqrt]
+
+Run from the repository root with ``PYTHONPATH=.`` when the installed rlmonitor is another
+checkout. ``--part floor`` times the method's fp64 sweeps alone per Qwen shape.
 """
 
 from __future__ import annotations
@@ -260,12 +263,43 @@ def run_qwen(args, sync, toy_s) -> None:
                   f"methods {dict(methods[rel])}  worst bound/contract (from the bounds) {worst[rel]:.2g}", flush=True)
 
 
+def run_floor(args, sync) -> None:
+    """The method's unavoidable work per Qwen shape: its fp64 sweeps alone (the base block
+    of L columns and two blocks of k + 8, two products each, as spectral_change uses them at
+    depth 2) against torch.linalg.svd (fp32): the largest speedup the method could reach."""
+    from rlmonitor.metrics import _spectral_cert as cert
+
+    k = args.qwen_k
+    print(f"\nFloor (k={k}, depth 2): fp64 sweeps alone vs torch.linalg.svd fp32, per matrix")
+    tot_floor = tot_exact = 0.0
+    for name, m, n in QWEN:
+        w = synthetic("inv", m, n, seed=1)
+        a = (w.mT if m < n else w).contiguous().to(args.device)
+        base = base_spectrum(w.to(args.device), k)
+        cols = [base.L, k + 8, k + 8]
+        qs = [torch.linalg.qr(torch.randn(a.shape[1], c, dtype=torch.float64, device=args.device)).Q for c in cols]
+        outs = [(torch.empty(a.shape[0], c, dtype=torch.float64, device=args.device),
+                 torch.empty(a.shape[1], c, dtype=torch.float64, device=args.device)) for c in cols]
+
+        def sweeps(a=a, qs=qs, outs=outs):
+            for q, (y, z) in zip(qs, outs, strict=True):
+                cert.fused_pass(a, q, y, z)
+
+        t_floor, _ = timed(sync, 5, sweeps)
+        t_exact, _ = timed(sync, 3, torch.linalg.svd, w.to(args.device), full_matrices=False)
+        tot_floor += t_floor
+        tot_exact += t_exact
+        print(f"  {name:5} {m}x{n}: sweeps ({sum(cols)} columns) {1e3 * t_floor:7.1f} ms, exact {1e3 * t_exact:7.1f} ms"
+              f" -> at most {t_exact / t_floor:5.1f}x")
+    print(f"  per layer (the seven matrices once each): at most {tot_exact / tot_floor:5.1f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="small grid: 896x896 and 4864x896, k=16, 3 updates")
     p.add_argument("--threads", type=int, default=None, help="torch (and numpy BLAS) threads; default torch's")
-    p.add_argument("--part", default="both", choices=["grid", "qwen", "both"])
+    p.add_argument("--part", default="both", choices=["grid", "qwen", "both", "floor"])
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--spectra", default="inv,sqrt,mp,toy", help="spectra of the grid")
     p.add_argument("--qwen-spectra", default="inv,sqrt,mp,toy")
@@ -284,12 +318,15 @@ def main() -> None:
     if args.quick:
         args.shapes, args.rels, args.ks = [(896, 896), (4864, 896)], [1e-5, 1e-3, 1e-1], [16]
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    toy = toy_weights() if "toy" in args.grid_spectra + args.qwen_spectra else {}
+    parts = {"grid": args.grid_spectra, "qwen": args.qwen_spectra, "both": args.grid_spectra + args.qwen_spectra}
+    toy = toy_weights() if "toy" in parts.get(args.part, []) else {}
     toy_s = (torch.linalg.svdvals(toy["model.layers.0.mlp.gate_proj.weight"].double()).numpy() if toy else None)
     if args.part in ("grid", "both"):
         summarize_grid(run_grid(args, sync, toy))
     if args.part in ("qwen", "both"):
         run_qwen(args, sync, toy_s)
+    if args.part == "floor":
+        run_floor(args, sync)
 
 
 if __name__ == "__main__":

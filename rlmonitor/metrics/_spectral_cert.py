@@ -6,8 +6,9 @@ ones) and on its right singular space ``R^n``, in fp64. ``B = A^T A``.
 
 Search space and Rayleigh-Ritz
     ``Q = [Q_0, Q_1, ..., Q_d]`` (orthonormal, ``n x D``) with ``Q_0 = V0_L``, the
-    exact top-L right singular vectors of the base matrix ``W0``, and
-    ``Q_{j+1} = orth((I - P_Q) B Q_j)``: a block Krylov space of ``B`` anchored at the
+    exact top-L right singular vectors of the base matrix ``W0``, and ``Q_{j+1}`` the
+    orthonormalized residuals ``B V_b - V_b Theta_b^2`` of the current top-b Ritz vectors
+    (a block Krylov step of ``B`` restricted to the wanted directions), anchored at the
     base factors. One *pass* over ``A`` gives ``Y_j = A Q_j`` and ``Z_j = A^T Y_j =
     B Q_j`` (fp64 products; ``A`` is converted to fp64 in row chunks, so no fp64 copy
     of ``A`` is ever held). Rayleigh-Ritz: ``Q^T B Q = W diag(theta^2) W^T``,

@@ -15,7 +15,7 @@ Base (once per run, :func:`base_spectrum`): the fp64 SVD of ``W0``, keeping ``L 
 singular vectors per side and all singular values. Snapshot
 (:func:`spectral_change`): a block Krylov space of ``W1^T W1`` anchored at the base's
 ``V0_L``, Rayleigh-Ritz in fp64, certificates from the residuals (see
-``_spectral_cert``), falling back to the fp64 SVD of ``W1``.
+``_spectral_cert``), falling back to the exact fp64 spectrum of ``W1``.
 """
 
 from __future__ import annotations
@@ -470,11 +470,12 @@ def spectral_change(
     it they rely on ``||W1||_F^2 - ||W1 Q||_F^2``, which certifies only steep spectra,
     so most calls end in the exact fp64 SVD.
 
-    Method: a block Krylov space of ``W1^T W1`` (on the smaller side) anchored at the
-    base's ``L`` singular vectors, deepened one block (of ``L`` vectors, two fp64
-    products with ``W1``) at a time from depth 2 up to ``max_depth`` until every
-    bound meets ``|got - exact| <= max(rel_tol |exact|, floor)``; failing that, or
-    when the space would exceed half the dimension, the fp64 SVD of ``W1`` ("exact").
+    Method: a search space of ``W1^T W1`` (on the smaller side) anchored at the base's
+    ``L`` singular vectors and deepened by one block of Ritz residuals (``k + 8``
+    vectors, one fp64 sweep over ``W1``) per depth, up to ``max_depth`` or a quarter of
+    ``min(m, n)``, until every bound meets ``|got - exact| <= max(rel_tol |exact|,
+    floor)``; failing that, the exact path ("exact"): the eigendecomposition of the fp64
+    Gram ``W1^T W1``, or the fp64 SVD of ``W1`` where that cannot meet the contract.
     ``full_spectrum=True`` adds the full-spectrum drift (fp64 ``svdvals`` of ``W1``).
 
     Returns:

@@ -1,6 +1,8 @@
-"""Pure metric functions of rlmonitor (the contract: ``shared/docs/metrics.md``).
+"""Pure metric functions of rlmonitor (the contract: ``docs/metrics.md``).
 
-Tensors in, tensors or floats out; no logging, no device moves, fp32 for SVD.
+Tensors in, tensors or floats out; no logging, no device moves. ``top_k_svd`` is fast
+fp32 and approximate; the certified spectral path (``base_spectrum``,
+``spectral_change``) works in fp64 under an accuracy contract.
 """
 
 from .kl import TopKLogProbs, compress_logprobs, token_kl, token_kl_topk
@@ -27,10 +29,27 @@ from .spectral import (
     subspace_angles,
     top_k_svd,
 )
+from .spectral_contract import (
+    ANGLE_FLOOR,
+    DRIFT_FLOOR,
+    MIN_REL_GAP,
+    REL_TOL,
+    BaseSpectrum,
+    SpectralChange,
+    base_spectrum,
+    spectral_change,
+)
 
 __all__ = [
+    "ANGLE_FLOOR",
+    "DRIFT_FLOOR",
+    "MIN_REL_GAP",
+    "REL_TOL",
+    "BaseSpectrum",
+    "SpectralChange",
     "TopKLogProbs",
     "TopKSVD",
+    "base_spectrum",
     "changed_mask",
     "changed_mask_and_ratios",
     "compress_logprobs",
@@ -45,6 +64,7 @@ __all__ = [
     "principal_angles",
     "principal_mask",
     "row_col_update_ratios",
+    "spectral_change",
     "spectral_drift",
     "subspace_angles",
     "token_kl",

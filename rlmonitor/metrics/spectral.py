@@ -1,5 +1,11 @@
 """Spectral geometry: top-k SVD, principal angles, spectral drift, principal mask
-(metrics.md sections 4-5). All SVD work runs in fp32 on the input's device.
+(metrics.md sections 4-5).
+
+``top_k_svd`` is the fast fp32 randomized block Krylov SVD: approximate, not
+contract-grade. ``principal_angles`` / ``spectral_drift`` on two weight tensors and
+``principal_mask`` on a tensor go through the certified fp64 path of
+:mod:`rlmonitor.metrics.spectral_contract` (accuracy contract); on precomputed
+:class:`TopKSVD` factors they are as accurate as those factors.
 """
 
 from __future__ import annotations
@@ -9,7 +15,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from ._checks import check_finite, check_k, check_matrix, check_same_shape, check_tensor
+from ._checks import check_alpha, check_finite, check_k, check_matrix, check_same_shape, check_tensor
 from .masks import top_fraction_mask
 
 __all__ = [
@@ -336,10 +342,12 @@ def subspace_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
     ``cos(theta_i) = sigma_i(a^T b)`` and ``sin(theta_i) = sigma_i(b - a a^T b)``;
     angles below pi/4 are taken from the sines so that tiny angles (RLVR's) are
-    not lost to ``arccos`` rounding near 1 in fp32.
+    not lost to ``arccos`` rounding near 1 in fp32. Computed in fp32, or in fp64
+    when either input is fp64.
     """
     check_same_shape("a", a, "b", b)
-    a, b = a.float(), b.float()
+    dtype = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+    a, b = a.to(dtype), b.to(dtype)
     c = a.mT @ b
     cos = torch.linalg.svdvals(c).clamp(0.0, 1.0)  # descending -> angles ascending
     sin = torch.linalg.svdvals(b - a @ c).clamp(0.0, 1.0).flip(-1)  # ascending
@@ -366,6 +374,14 @@ def _check_pair(w0: torch.Tensor | TopKSVD, w1: torch.Tensor | TopKSVD, k: int) 
             check_k(k, min(w.shape))
 
 
+def _certified(w0: torch.Tensor, w1: torch.Tensor, k: int):
+    """The contract path for two weight tensors: exact fp64 base factors of ``w0``,
+    then :func:`spectral_change` of ``w1`` against them."""
+    from .spectral_contract import base_spectrum, spectral_change
+
+    return spectral_change(base_spectrum(w0, k), w1, w0=w0, k=k)
+
+
 @torch.no_grad()
 def principal_angles(
     w0: torch.Tensor | TopKSVD,
@@ -378,9 +394,20 @@ def principal_angles(
     ``cos(theta_i) = sigma_i(U0_k^T U1_k)`` for ``side="left"`` (output space),
     ``sigma_i(V0_k^T V1_k)`` for ``side="right"`` (input space), paper Sec. 4.
 
+    Two weight tensors: the accuracy contract holds (every angle within
+    ``max(0.1 theta, 1e-6 rad)`` of the fp64 SVD's answer, certified): this computes
+    the fp64 base factors of ``w0`` and calls
+    :func:`~rlmonitor.metrics.spectral_contract.spectral_change`; use that directly to
+    reuse the base across snapshots and to get the error bounds. Identical tensors
+    give exactly 0.
+
+    Precomputed :class:`TopKSVD` factors (for either argument; a tensor on the other
+    side goes through the fast approximate :func:`top_k_svd`): the angles between
+    those factors, only as accurate as the factors are (``top_k_svd``'s are not
+    contract-grade).
+
     Args:
-        w0, w1: weight matrices, or their precomputed :class:`TopKSVD` factors
-            (so the base SVD is computed once per training run).
+        w0, w1: weight matrices, or their precomputed :class:`TopKSVD` factors.
         k: subspace dimension.
         side: ``"left"`` or ``"right"``.
 
@@ -393,6 +420,9 @@ def principal_angles(
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
     _check_pair(w0, w1, k)
+    if isinstance(w0, torch.Tensor) and isinstance(w1, torch.Tensor):
+        ch = _certified(w0, w1, k)
+        return (ch.angles_left if side == "left" else ch.angles_right).float()
     f0 = _factors("w0", w0, k)
     f1 = _factors("w1", w1, k, init=f0.V if isinstance(w1, torch.Tensor) else None)
     a, b = (f0.U, f1.U) if side == "left" else (f0.V, f1.V)
@@ -410,9 +440,12 @@ def spectral_drift(
 ) -> float:
     """Normalized spectral drift ``NSS = ||sigma(W1) - sigma(W0)||_2 / ||sigma(W0)||_2``.
 
-    ``k=None``: over the full spectrum (exact, one full SVD per matrix).
-    ``k`` given: over ``sigma_1..sigma_k`` only, the cheap live variant (logged as
-    ``spectral_drift_topk``); accepts precomputed :class:`TopKSVD` factors.
+    ``k=None``: over the full spectrum (fp64 ``svdvals`` of both matrices: exact up to
+    fp64 rounding, see ``spectral_change(..., full_spectrum=True)`` for its bound).
+    ``k`` given: over ``sigma_1..sigma_k`` only (logged as ``spectral_drift_topk``).
+    Two tensors meet the accuracy contract (within ``max(0.1 drift, 1e-8)``, certified
+    by :func:`~rlmonitor.metrics.spectral_contract.spectral_change`); precomputed
+    :class:`TopKSVD` factors give the drift of their values, as accurate as they are.
     """
     if k is None:
         for name, w in (("w0", w0), ("w1", w1)):
@@ -422,10 +455,14 @@ def spectral_drift(
             check_matrix(name, w)
             check_finite(name, w)
         check_same_shape("w0", w0, "w1", w1)
-        s0 = torch.linalg.svdvals(w0.detach().float())
-        s1 = torch.linalg.svdvals(w1.detach().float())
+        s0 = torch.linalg.svdvals(w0.detach().double())
+        s1 = torch.linalg.svdvals(w1.detach().double())
     else:
         _check_pair(w0, w1, k)
+        if isinstance(w0, torch.Tensor) and isinstance(w1, torch.Tensor):
+            if not bool(w0.detach().any()):
+                raise ValueError("w0 is the zero matrix (all singular values 0); spectral drift is undefined")
+            return _certified(w0, w1, k).drift_topk
         s0 = _factors("w0", w0, k).S
         s1 = _factors("w1", w1, k).S
     norm0 = float(torch.linalg.vector_norm(s0))
@@ -440,12 +477,21 @@ def principal_mask(w0: torch.Tensor | TopKSVD, k: int, alpha: float) -> torch.Te
     ``W0^(k) = U_k diag(S_k) V_k^T`` is the rank-k reconstruction (metrics.md
     section 5; LIFT uses alpha=0.05, the paper's sparse-RL study 0.5).
 
-    Accepts the matrix or its precomputed :class:`TopKSVD` factors. Selects exactly
-    ``round(alpha * m * n)`` entries.
+    A weight tensor: the reconstruction comes from its exact fp64 SVD
+    (:func:`~rlmonitor.metrics.spectral_contract.base_spectrum`), so the mask agrees with
+    the exact one up to ties. Precomputed factors (:class:`TopKSVD`, or a
+    ``BaseSpectrum`` with ``L >= k``): the reconstruction from those factors. Selects
+    exactly ``round(alpha * m * n)`` entries.
     """
+    from .spectral_contract import BaseSpectrum, base_spectrum
+
+    if isinstance(w0, BaseSpectrum):
+        return w0.principal_mask(alpha, k)
     if isinstance(w0, torch.Tensor):
         check_matrix("w0", w0)
         check_k(k, min(w0.shape))
+        check_alpha("alpha", alpha)
+        return base_spectrum(w0, k, oversample=0).principal_mask(alpha, k)
     f = _factors("w0", w0, k)
     recon = (f.U * f.S.unsqueeze(-2)) @ f.V.mT
     return top_fraction_mask(recon.abs(), alpha, largest=True)

@@ -178,14 +178,14 @@ def say(event, step, cb):
     print(json.dumps({"event": event, "step": step, "pending": w.pending if w else 0, "time": time.time()}),
           flush=True)
 
-analyze = GeometryAnalyzer.analyze
+analyze = GeometryAnalyzer.measure  # the per-snapshot work of the monitor
 def slow_analyze(self, step, weights, partial=False):
     if cfg.get("hang_at") is not None and step >= cfg["hang_at"]:
         while True:
             time.sleep(1)
     time.sleep(cfg.get("slow_s", 0.0))
     return analyze(self, step, weights, partial)
-GeometryAnalyzer.analyze = slow_analyze
+GeometryAnalyzer.measure = slow_analyze
 
 class Faults(TrainerCallback):
     def __init__(self, cb, before):

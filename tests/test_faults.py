@@ -237,6 +237,17 @@ def test_slow_base_save_keeps_the_kl_probe_with_the_base(tiny_model_path, tmp_pa
 # -- 4: one failing sink never costs the others their records -------------------------------
 
 
+class BaseReady(TrainerCallback):
+    """Waits at train start until the monitor's base job has run (after the geometry callback's
+    on_train_begin), so later steps find the worker as a test expects, however slow the machine."""
+
+    def __init__(self, geometry) -> None:
+        self.geometry = geometry
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.geometry.monitor.worker.flush(120)
+
+
 class BreakLocalFiles(TrainerCallback):
     """From ``at`` on, metrics.jsonl and matrices.jsonl are directories (fails for root too)."""
 
@@ -321,7 +332,7 @@ class Gate:
         from rlmonitor.core.engine import GeometryAnalyzer
 
         self.open, self.steps, self.entered = threading.Event(), steps, threading.Event()
-        real = GeometryAnalyzer.analyze
+        real = GeometryAnalyzer.measure
 
         def analyze(analyzer, step, weights, partial=False):
             if step in self.steps:
@@ -329,7 +340,7 @@ class Gate:
                 self.open.wait(limit_s)
             return real(analyzer, step, weights, partial)
 
-        monkeypatch.setattr(GeometryAnalyzer, "analyze", analyze)
+        monkeypatch.setattr(GeometryAnalyzer, "measure", analyze)
 
 
 def test_drop_counter_and_snapshot_bytes_are_honest(tiny_model_path, tmp_path, monkeypatch):
@@ -351,7 +362,7 @@ def test_drop_counter_and_snapshot_bytes_are_honest(tiny_model_path, tmp_path, m
                     time.sleep(0.01)
 
     cb = GeometryCallback(every_n_steps=1, k=4, kl=False, max_snapshot_memory_gb=budget, plot_every_n_snapshots=0)
-    tr = trainer(tiny_model_path, out, [cb, StopAt4()], max_steps=8)
+    tr = trainer(tiny_model_path, out, [cb, BaseReady(cb), StopAt4()], max_steps=8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tr.train()
@@ -380,7 +391,7 @@ def test_metric_that_never_returns_does_not_hang_train_end(tiny_model_path, tmp_
 
     cb = GeometryCallback(every_n_steps=1, k=4, kl=False, max_snapshot_memory_gb=budget, flush_timeout_s=timeout,
                           plot_every_n_snapshots=0)  # fmt: skip
-    tr = trainer(tiny_model_path, out, [Clock(), cb], max_steps=4)
+    tr = trainer(tiny_model_path, out, [Clock(), cb, BaseReady(cb)], max_steps=4)
     try:
         with pytest.warns(RuntimeWarning, match=r"abandoned") as caught:
             tr.train()

@@ -35,8 +35,9 @@ class GeometryConfig:
 
     every_n_steps: int = help_field("Snapshot and measure every N optimizer steps (plus the last step).", default=20)
     k: int = help_field("Rank of the top-k singular subspaces for principal angles and spectral drift.", default=16)
-    oversample: int = help_field("Extra singular directions of the step-0 base kept beyond k (at least this many; "
-                                 "more where the spectral gap needs them).", default=8)  # fmt: skip
+    oversample: int | None = help_field("Extra singular directions of the step-0 base kept beyond k for the certified "
+                                        "spectral path; None = gap-aware (the fewest that put sigma_(k+p+1) below "
+                                        "sigma_k / 2, at most max(k, 32)).", default=None)  # fmt: skip
     principal_alpha: float = help_field("Fraction of weights in the principal mask (top-alpha of |rank-k "
                                         "reconstruction|; LIFT uses 0.05).", default=0.05)  # fmt: skip
     low_alpha: float = help_field("Fraction of weights in the low-magnitude mask (bottom-alpha of |W0|).", default=0.05)
@@ -93,8 +94,8 @@ class GeometryConfig:
         c = Check(self)
         for name in ("every_n_steps", "k", "smooth_window"):
             c.integer(name)
-        for name in ("oversample", "plot_every_n_snapshots"):
-            c.integer(name, lo=0)
+        c.integer("oversample", lo=0, optional=True)
+        c.integer("plot_every_n_snapshots", lo=0)
         for name in ("principal_alpha", "low_alpha"):
             c.number(name, 0.0, 1.0, lo_open=True, hi_open=True, fix="use a fraction in (0, 1), e.g. 0.05")
         c.number("eta", 0.0, 1.0, hi_open=True, fix="use a relative tolerance in [0, 1); the paper's is 1e-3")

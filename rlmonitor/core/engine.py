@@ -214,7 +214,7 @@ def measure_matrix(
         if n_prev is not None:
             d["changed_vs_prev"] = n_prev
     if config.spectral and base.spectrum is not None:
-        res = guard("spectral", name, lambda: spectral_engine.change(config, base, w1, unchanged=d.get("dw_fro2") == 0.0))
+        res = guard("spectral", name, lambda: spectral_engine.change(config, base, w1))
         if res is not None:
             fields_, out.angle_curves = res
             d.update(fields_)

@@ -1,9 +1,14 @@
-"""The engine's spectral step: step-0 spectra, principal masks and the certified
-change of the top-k singular subspaces and values, from :mod:`rlmonitor.metrics`.
+"""The engine's spectral step: exact step-0 spectra, principal masks and the certified
+change of the top-k singular subspaces and values (:mod:`rlmonitor.metrics.spectral_contract`).
 
-Interim implementation (fp32 top-k SVD, no error bounds) until the certified
-spectral path lands; the interface is the engine's: :func:`base`, :func:`principal`,
-:func:`change`, :func:`nbytes`, :func:`to_tensors`, :func:`from_tensors`.
+- :func:`base`: the fp64 spectrum of ``W0`` (once per run, on the worker).
+- :func:`principal`: the principal mask from it (exact rank-k reconstruction).
+- :func:`change`: per-matrix record fields of ``W1`` against the base: max principal
+  angles left/right with certified error bounds, top-k drift and its bound, the
+  relative gap, whether the top-k subspace is ill-conditioned, and the method used;
+  plus the angle curves (degrees) for the dashboards.
+- :func:`to_tensors` / :func:`from_tensors`: the spectrum as flat tensors (saved with
+  the base, so a resumed run does not recompute it).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from typing import Any
 
 import torch
 
-from rlmonitor.metrics import TopKSVD, principal_mask, subspace_angles, top_k_svd
+from rlmonitor.metrics import BaseSpectrum, base_spectrum, spectral_change
 
 from .config import GeometryConfig
 
@@ -22,20 +27,25 @@ __all__ = ["base", "change", "estimate_bytes", "from_tensors", "nbytes", "princi
 _RAD2DEG = 180.0 / math.pi
 
 
-def base(config: GeometryConfig, w0: torch.Tensor) -> TopKSVD:
-    rank = min(config.k + config.oversample + 1, *w0.shape)
-    return top_k_svd(w0, rank)
+def _k(config: GeometryConfig, shape: tuple[int, ...]) -> int:
+    return min(config.k, *shape)
 
 
-def principal(config: GeometryConfig, spectrum: TopKSVD, shape: tuple[int, ...]) -> torch.Tensor:
-    k = min(config.k, spectrum.k)
-    return principal_mask(spectrum, k, config.principal_alpha)
+def base(config: GeometryConfig, w0: torch.Tensor) -> BaseSpectrum:
+    return base_spectrum(w0, _k(config, tuple(w0.shape)), oversample=config.oversample)
+
+
+def principal(config: GeometryConfig, spectrum: BaseSpectrum, shape: tuple[int, ...]) -> torch.Tensor:
+    return spectrum.principal_mask(config.principal_alpha, _k(config, shape))
 
 
 def estimate_bytes(config: GeometryConfig, shape: tuple[int, int]) -> int:
-    """Host memory of one matrix's step-0 spectrum."""
+    """Host memory of one matrix's step-0 spectrum (fp64 factors of at most ``max(2k, k + 32)``
+    columns per side, and every singular value)."""
     m, n = shape
-    return 4 * (m + n + 1) * min(config.k + config.oversample + 1, m, n)
+    k = min(config.k, m, n)
+    width = min(max(2 * k, k + 32) if config.oversample is None else k + config.oversample, m, n)
+    return 8 * ((m + n) * width + min(m, n) + width)
 
 
 def nbytes(spectrum: Any) -> int:
@@ -44,38 +54,32 @@ def nbytes(spectrum: Any) -> int:
     return sum(t.numel() * t.element_size() for t in to_tensors(spectrum).values())
 
 
-def to_tensors(spectrum: TopKSVD) -> dict[str, torch.Tensor]:
-    return {"U": spectrum.U, "S": spectrum.S, "V": spectrum.V}
+def to_tensors(spectrum: BaseSpectrum) -> dict[str, torch.Tensor]:
+    return spectrum.to_dict()
 
 
-def from_tensors(tensors: dict[str, torch.Tensor]) -> TopKSVD:
-    return TopKSVD(tensors["U"], tensors["S"], tensors["V"])
+def from_tensors(tensors: dict[str, torch.Tensor]) -> BaseSpectrum:
+    return BaseSpectrum.from_dict(tensors)
 
 
-def _rel_gap(s: torch.Tensor, k: int) -> float | None:
-    if s.numel() <= k or float(s[k - 1]) <= 0:
-        return None
-    return float((s[k - 1] - s[k]) / s[k - 1])
-
-
-def change(config: GeometryConfig, base_state: Any, w1: torch.Tensor, unchanged: bool = False):
+def change(config: GeometryConfig, base_state: Any, w1: torch.Tensor):
     """Spectral record fields of ``w1`` against its base, and the angle curves (degrees)."""
-    f0: TopKSVD = base_state.spectrum
-    k = min(config.k, f0.k, *w1.shape)
-    gap = _rel_gap(f0.S, k)
-    fields: dict[str, Any] = {"rel_gap": gap, "ill_conditioned": gap is not None and gap < config.min_rel_gap}
-    if unchanged:  # bitwise-identical to the base: nothing rotated or drifted
-        fields.update(angle_left_max_deg=0.0, angle_right_max_deg=0.0, spectral_drift_topk=0.0,
-                      spectral_method="unchanged")  # fmt: skip
+    spectrum: BaseSpectrum = base_state.spectrum
+    ch = spectral_change(spectrum, w1, w0=base_state.weight, k=_k(config, tuple(w1.shape)),
+                         min_rel_gap=config.min_rel_gap)  # fmt: skip
+    rec = ch.to_record()
+    fields = {
+        "angle_left_max_deg": rec["angle_left_max_deg"],
+        "angle_right_max_deg": rec["angle_right_max_deg"],
+        "angle_left_bound_deg": rec["angle_left_bound_deg"],
+        "angle_right_bound_deg": rec["angle_right_bound_deg"],
+        "spectral_drift_topk": rec["drift_topk"],
+        "spectral_drift_topk_bound": rec["drift_topk_bound"],
+        "rel_gap": min(rec["rel_gap"], rec["rel_gap1"]),
+        "ill_conditioned": rec["ill_conditioned"],
+        "spectral_method": rec["method"],
+    }
+    if ch.method == "unchanged":
         return fields, None
-    f1 = top_k_svd(w1, min(f0.k, *w1.shape), init=f0.V)
-    left = subspace_angles(f0.U[:, :k], f1.U[:, :k]).mul(_RAD2DEG)
-    right = subspace_angles(f0.V[:, :k], f1.V[:, :k]).mul(_RAD2DEG)
-    s0, s1 = f0.S[:k], f1.S[:k]
-    fields.update(
-        angle_left_max_deg=float(left.max()),
-        angle_right_max_deg=float(right.max()),
-        spectral_drift_topk=float(torch.linalg.vector_norm(s1 - s0) / torch.linalg.vector_norm(s0)),
-        spectral_method="krylov-fp32",
-    )
-    return fields, {"left": left.tolist(), "right": right.tolist()}
+    curves = {"left": (ch.angles_left * _RAD2DEG).tolist(), "right": (ch.angles_right * _RAD2DEG).tolist()}
+    return fields, curves

@@ -55,11 +55,18 @@ def demo_env(cache_dir, tmp_path, monkeypatch) -> Path:
 
 
 @pytest.mark.slow
-def test_demo_end_to_end(demo_env, cache_dir):
+def test_demo_end_to_end(demo_env, cache_dir, capsys):
     out = demo_env / "demo"
     rc = main(["demo", "--steps", str(STEPS), "--pretrain-steps", PRETRAIN_STEPS, "--out", str(out),
                "--wandb", "offline", "--device", "cpu"])
     assert rc == 0
+    # the printed compare command names the runs and works as printed
+    printed = capsys.readouterr().out
+    line = next(x for x in printed.splitlines() if "rlmonitor compare" in x)
+    argv = line.split("rlmonitor compare", 1)[1].split()
+    assert argv[argv.index("--names") + 1 : argv.index("--names") + 3] == ["rlvr", "sft"]
+    assert main(["compare", *argv, "--json", str(out / "compare.json"), "--quiet", "--no-progress"]) == 0
+    assert [r["name"] for r in json.loads((out / "compare.json").read_text())["runs"]] == ["rlvr", "sft"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "complete"
     assert Path(summary["base"]["path"]).parent == cache_dir  # the user's cache was not touched

@@ -14,8 +14,9 @@ values reach W&B as heat-map images and tables of the ``plots`` section), and
 has every key. ``summary`` says how W&B summarises a key (``define_metric``),
 ``compare`` whether ``rlmonitor compare`` reports it in its ``scalars`` (same name,
 same matrices, same code as the live callback).
-The README's key table and ``docs/metrics.md`` are checked against this registry by
-the tests; ``python -m rlmonitor.core.keys`` prints the table.
+The README's key table and ``docs/metrics.md`` are generated from this registry
+(``python -m rlmonitor.core.docs --update README.md docs/metrics.md``) and the tests
+check they are current.
 
 Paper references are to Zhu et al., "The Path Not Taken: RLVR Provably Learns Off the
 Principals", arXiv 2511.08567.
@@ -27,7 +28,7 @@ import re
 from typing import Literal
 
 __all__ = ["KEYS", "MATRIX_FIELDS", "OPT_IN_SECTIONS", "SECTIONS", "SUMMARY_ONLY_SECTIONS", "Key", "fields_table",
-           "lookup", "markdown_table", "render_docs"]
+           "lookup", "markdown_table"]
 
 Section = Literal["headline", "kl", "collapse", "plots", "kind", "layer", "system", "diagnostics", "summary"]
 #: W&B workspace sections, top-down: headline scalars, KL, collapse, the images and tables
@@ -321,31 +322,5 @@ def fields_table() -> str:
     return "\n".join(rows)
 
 
-#: the generated blocks of the docs: marker name -> content
-_BLOCKS = {
-    "keys": lambda: markdown_table(tuple(s for s in SECTIONS if s != "summary")),
-    "summary-keys": lambda: markdown_table(("summary",)),
-    "fields": fields_table,
-}
-
-
-def render_docs(text: str) -> str:
-    """``text`` with every ``<!-- NAME:begin -->...<!-- NAME:end -->`` block regenerated."""
-    for name, make in _BLOCKS.items():
-        begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-        if begin in text:
-            head, rest = text.split(begin, 1)
-            _, tail = rest.split(end, 1)
-            text = f"{head}{begin}\n{make()}\n{end}{tail}"
-    return text
-
-
 if __name__ == "__main__":
-    import sys
-    from pathlib import Path
-
-    if sys.argv[1:2] == ["--update"]:  # python -m rlmonitor.core.keys --update README.md docs/metrics.md
-        for path in map(Path, sys.argv[2:]):
-            path.write_text(render_docs(path.read_text()))
-    else:
-        print(markdown_table())
+    print(markdown_table())

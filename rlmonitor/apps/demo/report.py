@@ -109,10 +109,11 @@ def _print_outputs(con: Any, s: dict[str, Any], path: Path, out: Path, methods: 
             con.print(f"  {METHODS[method][2]:<12} {info['output_dir']}/rlmonitor/ (metrics.jsonl, "
                       f"{len(info.get('dashboards', []))} dashboard PNGs in plots/)", highlight=False,
                       soft_wrap=True)  # fmt: skip
-    models = [f"{s['methods'][m]['output_dir']}/model" for m in methods
-              if s["methods"].get(m, {}).get("status") == "finished"]  # fmt: skip
-    if models:
-        con.print(f"  checkpoints: rlmonitor compare {s['base']['path']} {' '.join(models)} --out {out}/compare",
+    done = [m for m in methods if s["methods"].get(m, {}).get("status") == "finished"]
+    if done:
+        models = " ".join(f"{s['methods'][m]['output_dir']}/model" for m in done)
+        names = " ".join(done)
+        con.print(f"  checkpoints: rlmonitor compare {s['base']['path']} {models} --names {names} --out {out}/compare",
                   highlight=False, soft_wrap=True)  # fmt: skip
 
 

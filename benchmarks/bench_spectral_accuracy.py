@@ -59,7 +59,10 @@ QWEN = [("q", 896, 896), ("k", 128, 896), ("v", 128, 896), ("o", 896, 896), ("ga
 
 
 def set_blas_threads(n: int) -> None:
-    """numpy's bundled OpenBLAS: same thread count as torch (best effort)."""
+    """numpy's bundled OpenBLAS thread count (best effort). The benchmark keeps it at 1:
+    numpy only builds the matrices and the references (untimed), and idle OpenBLAS
+    threads busy-wait after each call, stealing the second core from torch's timed
+    calls (2-thread spectral_change ran 2x slower right after numpy work)."""
     libs = glob.glob(os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs", "libscipy_openblas*.so"))
     with contextlib.suppress(IndexError, OSError, AttributeError):
         ctypes.CDLL(libs[0]).scipy_openblas_set_num_threads64_(ctypes.c_int(n))
@@ -315,7 +318,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    set_blas_threads(torch.get_num_threads())
+    set_blas_threads(1)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device")
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)

@@ -219,6 +219,10 @@ def top_k_svd(
 ) -> TopKSVD:
     """Top-k SVD ``W ~= U diag(S) V^T`` for live monitoring, fp32 on ``w``'s device.
 
+    Approximate and not contract-grade: its subspaces carry errors of ~1e-4..1e-3 rad,
+    far above the principal angles of an RL update; for certified angles and drift use
+    :func:`~rlmonitor.metrics.spectral_contract.spectral_change`.
+
     Cold start (``init=None``): randomized *block Krylov* iteration (Musco &
     Musco, 2015). From a random ``n x k`` start block (a sparse random-sign sketch
     ``W^T Omega`` of W's rows plus a Gaussian block) it builds an orthonormal

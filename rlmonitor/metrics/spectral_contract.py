@@ -251,7 +251,6 @@ class _Job:
     base: BaseSpectrum
     k: int
     a1: torch.Tensor
-    a0: torch.Tensor | None
     transposed: bool
     u0: torch.Tensor  # base left vectors of a1 (m x L)
     v0: torch.Tensor  # base right vectors of a1 (n x L)
@@ -442,9 +441,8 @@ def _prepare(base, w1, w0, k, rel_tol, angle_floor, drift_floor, min_rel_gap, fu
     k = base.k if k is None else check_k(k, base.k, "base.k")
     transposed = w1.shape[0] < w1.shape[1]
     a1 = w1.detach().mT if transposed else w1.detach()
-    a0 = None if w0 is None else (w0.detach().mT if transposed else w0.detach())
     u0, v0 = (base.V, base.U) if transposed else (base.U, base.V)
-    return _Job(base, k, a1, a0, transposed, u0, v0, _check_tol("rel_tol", rel_tol, 1.0),
+    return _Job(base, k, a1, transposed, u0, v0, _check_tol("rel_tol", rel_tol, 1.0),
                 _check_tol("angle_floor", angle_floor), _check_tol("drift_floor", drift_floor),
                 _check_tol("min_rel_gap", min_rel_gap, 1.0), bool(full))
 
@@ -486,7 +484,7 @@ def spectral_change(
     if isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 0:
         raise ValueError(f"max_depth must be a non-negative int, got {max_depth!r}")
     job = _prepare(base, w1, w0, k, rel_tol, angle_floor, drift_floor, min_rel_gap, full_spectrum)
-    fro2, diff2 = cert.norms_pass(w1, w0)  # orientation-free: read the tensors as stored
+    fro2, diff2 = cert.norms_pass(w1.detach(), None if w0 is None else w0.detach())  # orientation-free
     if diff2 == 0.0:
         return _unchanged(job)
     if job.transposed:  # one contiguous copy of W1^T: the chunked sweeps then read rows (2x faster)

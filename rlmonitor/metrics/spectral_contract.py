@@ -1,5 +1,5 @@
 """Certified spectral change of a weight matrix against its step-0 base (metrics.md
-sections 4-5, accuracy contract in docs/spectral_contract_draft.md).
+sections 4-5, accuracy contract in docs/spectral.md).
 
 Accuracy contract: every value returned (each principal angle theta_1..theta_k of the
 left and right top-k singular subspaces, the top-k and full-spectrum drift) satisfies

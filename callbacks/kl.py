@@ -119,25 +119,21 @@ def _positions(model: Any) -> int | None:
     return int(n) if isinstance(n, int) and n > 0 else None
 
 
-def _fit_positions(model: Any, cfg: KLProbeConfig) -> tuple[int, int]:
-    """Prompt and completion lengths of the probe that fit the model's positions: the
-    configured ones, or (with one warning) a probe sized to the model."""
-    max_prompt, new_tokens = cfg.kl_probe_max_prompt_tokens, cfg.kl_probe_max_new_tokens
-    n = _positions(model)
-    if n is None or max_prompt + new_tokens <= n:
-        return max_prompt, new_tokens
-    if n < 2:
-        raise ValueError(f"KL probe: the model has {n} position(s); a probe needs at least 2")
-    new_tokens = max(1, min(new_tokens, n // 2))
-    max_prompt = min(max_prompt, n - new_tokens)
+def _fit_positions(model: Any, cfg: KLProbeConfig, width: int) -> int:
+    """Completion tokens of a probe whose longest (already cut) prompt has ``width`` tokens:
+    the configured number, or (with one warning) what still fits the model's positions."""
+    n, new_tokens = _positions(model), cfg.kl_probe_max_new_tokens
+    if n is None or width + new_tokens <= n:
+        return new_tokens
+    fitted = n - width
     warnings.warn(
-        f"rlmonitor: KL probe of {cfg.kl_probe_max_prompt_tokens} prompt + {cfg.kl_probe_max_new_tokens} completion "
-        f"tokens exceeds the model's {n} positions (max_position_embeddings); sized to {max_prompt} + {new_tokens}. "
-        "Set KLProbeConfig(kl_probe_max_prompt_tokens=..., kl_probe_max_new_tokens=...) to choose.",
+        f"rlmonitor: KL probe of up to {width} prompt + {new_tokens} completion tokens exceeds the model's "
+        f"{n} positions (max_position_embeddings); sampling {fitted} completion tokens instead. Set "
+        "KLProbeConfig(kl_probe_max_prompt_tokens=..., kl_probe_max_new_tokens=...) to choose.",
         RuntimeWarning,
         stacklevel=3,
     )
-    return max_prompt, new_tokens
+    return fitted
 
 
 def _rng_devices(model: Any) -> list[int]:
@@ -197,7 +193,12 @@ class KLProbe:
             raise ValueError("KL probe: the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
         prompts = self.select_prompts(tokenizer, dataset)
         device = next(model.parameters()).device
-        max_prompt, new_tokens = _fit_positions(model, cfg)
+        n = _positions(model)
+        if n is not None and n < 2:
+            raise ValueError(f"KL probe: the model has {n} position(s); a probe needs at least 2")
+        # a long prompt is cut so that its completion keeps half of the positions (or all it asks for)
+        keep = None if n is None else min(cfg.kl_probe_max_new_tokens, n // 2)
+        max_prompt = cfg.kl_probe_max_prompt_tokens if n is None else min(cfg.kl_probe_max_prompt_tokens, n - keep)
         encoded = []
         for ids in prompts:
             if not ids:
@@ -210,7 +211,7 @@ class KLProbe:
         if not encoded:
             raise ValueError("KL probe: every probe prompt tokenizes to nothing; give longer prompts")
         width = max(len(x) for x in encoded)
-        new_tokens = min(new_tokens, _positions(model) - width) if _positions(model) else new_tokens
+        new_tokens = _fit_positions(model, cfg, width)
         prompt_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
         prompt_mask = torch.zeros((len(encoded), width), dtype=torch.long)
         for i, ids in enumerate(encoded):  # left padding

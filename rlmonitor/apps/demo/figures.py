@@ -10,7 +10,19 @@ from pathlib import Path
 from typing import Any
 
 from .config import METHODS
-from .verdict import ANGLE, DIRECTIONS, DRIFT, KL, LOW, PRINCIPAL, REL_FRO, SPARSITY, SUMMARY_KEYS, num
+from .verdict import (
+    ANGLE,
+    DIRECTIONS,
+    DRIFT,
+    ERROR_BARS,
+    KL,
+    LOW,
+    PRINCIPAL,
+    REL_FRO,
+    SPARSITY,
+    SUMMARY_KEYS,
+    num,
+)
 
 __all__ = ["CURVE_KEYS", "plot_comparison", "plot_curves"]
 
@@ -61,27 +73,37 @@ def plot_curves(runs: dict[str, Sequence[dict[str, Any]]], path: str | os.PathLi
     return path
 
 
-def _bars(ax: Any, names: list[str], vals: list[float], colors: list[str], fmt: str) -> None:
-    bars = ax.bar(names, vals, color=colors, width=0.6)
-    ax.bar_label(bars, fmt=fmt, fontsize=8)
+def _bars(ax: Any, names: list[str], vals: list[float], colors: list[str], fmt: str,
+          errs: list[float] | None = None) -> None:  # fmt: skip
+    bars = ax.bar(names, vals, color=colors, width=0.6, yerr=errs, capsize=4 if errs else 0)
+    if errs:  # the certified error bound under each value (often far below the bar's resolution)
+        ax.bar_label(bars, labels=[f"{fmt % v}\n\u00b1 {e:.0e}" if e else fmt % v for v, e in zip(vals, errs, strict=True)],
+                     fontsize=7.5)  # fmt: skip
+    else:
+        ax.bar_label(bars, fmt=fmt, fontsize=8)
     ax.grid(axis="y", alpha=0.3)
 
 
 def _metric_panel(ax: Any, key: str, label: str, methods: dict[str, Any], matched: dict[str, Any] | None) -> None:
     """One compared metric: RL, SFT and SFT at RL's update size, the paper's expectation in the title."""
-    names, vals, colors = [], [], []
+    names, vals, colors, errs = [], [], [], []
     for m, values in methods.items():
         v = num(values.get(key))
         if v is not None:
             names.append(METHODS[m][2])
             vals.append(v)
             colors.append(_COLORS[m])
+            errs.append(num(values.get(ERROR_BARS.get(key, ""))) or 0.0)
     v = num((matched or {}).get(key))
     if v is not None and key in DIRECTIONS:
         names.append("SFT at RL's\n||dW||/||W0||")
         vals.append(v)
         colors.append("navajowhite")
-    _bars(ax, names, vals, colors, "%.2e" if key in _SCIENTIFIC else "%.2f" if key == ANGLE else "%.3f")
+        errs.append(num((matched or {}).get(ERROR_BARS.get(key, ""))) or 0.0)
+    bars = errs if key in ERROR_BARS and any(errs) else None  # certified error bounds
+    _bars(ax, names, vals, colors, "%.2e" if key in _SCIENTIFIC else "%.2f" if key == ANGLE else "%.3f", bars)
+    if bars is not None:
+        label += " \u00b1 certified error bound"
     if key in _SCIENTIFIC:  # the axis in the bar labels' notation
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     if key in _RATIO_KEYS:

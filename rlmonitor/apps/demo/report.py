@@ -6,7 +6,19 @@ from pathlib import Path
 from typing import Any
 
 from .config import METHODS
-from .verdict import ANGLE, DIRECTIONS, DRIFT, KL, LOW, PRINCIPAL, REL_FRO, SPARSITY, SUMMARY_KEYS, num
+from .verdict import (
+    ANGLE,
+    DIRECTIONS,
+    DRIFT,
+    ERROR_BARS,
+    KL,
+    LOW,
+    PRINCIPAL,
+    REL_FRO,
+    SPARSITY,
+    SUMMARY_KEYS,
+    num,
+)
 
 __all__ = ["comparison_rows", "print_report"]
 
@@ -29,6 +41,12 @@ def _fmt(v: Any, key: str = "") -> str:
     return f"{v:.2f}" if key == ANGLE else f"{v:.4f}"
 
 
+def _with_bar(values: dict[str, Any], key: str) -> str:
+    """The value, with its certified error bound for the spectral ones (``1.23 +- 4e-05``)."""
+    text, bound = _fmt(values.get(key), key), num(values.get(ERROR_BARS.get(key, "")))
+    return text if bound is None or text == "-" else f"{text} +- {bound:.1g}"
+
+
 def comparison_rows(summary: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
     """Rows (metric, RL, SFT, SFT at RL's update size, paper expects, holds) of the terminal table."""
     methods = summary.get("methods", {})
@@ -44,7 +62,7 @@ def comparison_rows(summary: dict[str, Any]) -> list[tuple[str, str, str, str, s
         at_size = _fmt(matched.get("sft", {}).get(key), key) if key in DIRECTIONS or key == REL_FRO else ""
         if key in matched.get("checks", {}):
             at_size += " (yes)" if matched["checks"][key] else " (no)"
-        rows.append((label, _fmt(rl.get(key), key), _fmt(sft.get(key), key), at_size, expect, mark))
+        rows.append((label, _with_bar(rl, key), _with_bar(sft, key), at_size, expect, mark))
     r = methods.get("rlvr", {})
     if r:
         start, end = num(r.get("reward_first10")), num(r.get("reward_last10"))

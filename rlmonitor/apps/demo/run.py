@@ -63,7 +63,7 @@ from .config import (
 from .figures import plot_comparison, plot_curves
 from .report import print_report
 from .runtime import environ, progress_callback, quiet_libraries, torch_threads
-from .verdict import SUMMARY_KEYS, final_values, matched_comparison, num, size_matched, verdict
+from .verdict import ERROR_BARS, SUMMARY_KEYS, final_values, matched_comparison, num, size_matched, verdict
 
 __all__ = ["run_demo"]
 
@@ -351,7 +351,7 @@ class _Demo:
     def finish(self) -> None:
         """Compare, judge, draw, write ``summary.json`` and print the report."""
         runs = self.read_runs()
-        comparison = matched_comparison(runs, [k for k, _, _ in SUMMARY_KEYS])
+        comparison = matched_comparison(runs, [k for k, _, _ in SUMMARY_KEYS] + list(ERROR_BARS.values()))
         self.summary["comparison"] = comparison
         self.summary["verdict"] = verdict(comparison.get("rlvr"), comparison.get("sft"))
         step = comparison.get("step")

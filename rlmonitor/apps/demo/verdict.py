@@ -13,7 +13,7 @@ from rlmonitor.core import keys
 
 from .config import METHODS
 
-__all__ = ["SUMMARY_KEYS", "final_values", "matched_comparison", "size_matched", "values_at", "verdict"]
+__all__ = ["ERROR_BARS", "SUMMARY_KEYS", "final_values", "matched_comparison", "size_matched", "values_at", "verdict"]
 
 SPARSITY, ANGLE, DRIFT = str(keys.UPDATE_SPARSITY), str(keys.ANGLE_MAX), str(keys.DRIFT_TOPK)
 PRINCIPAL, LOW = str(keys.PRINCIPAL_OVERLAP), str(keys.LOW_OVERLAP)
@@ -30,6 +30,8 @@ SUMMARY_KEYS: tuple[tuple[str, str, str | None], ...] = (
     (KL, "KL(pi || pi_base) on the probe", None),
     (REL_FRO, "relative update norm ||dW||/||W0||", None),
 )
+#: Spectral values and the keys of their certified error bounds (shown as error bars).
+ERROR_BARS: dict[str, str] = {ANGLE: str(keys.ANGLE_MAX_BOUND), DRIFT: str(keys.DRIFT_TOPK_BOUND)}
 #: The contrasts re-checked at equal update size: key -> RL expected "higher"/"lower".
 DIRECTIONS = {k: e for k, _, e in SUMMARY_KEYS if e is not None}
 

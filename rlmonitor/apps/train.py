@@ -267,8 +267,9 @@ def run(args: TrainArguments) -> dict[str, Any]:
     trainer = build_trainer(args)
     trainer.train()
     summary = {**summarize(args.output_dir, trainer.state.log_history), "args": asdict(args), "steps_run": trainer.state.global_step}
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(args.output_dir) / "run_summary.json").write_text(json.dumps(summary, indent=2))
+    if trainer.is_world_process_zero():  # one writer in a multi-GPU run
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(args.output_dir) / "run_summary.json").write_text(json.dumps(summary, indent=2))
     try:
         import wandb
 

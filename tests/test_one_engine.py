@@ -64,3 +64,27 @@ def test_callback_and_compare_agree_on_every_shared_scalar(tiny_model_path, tmp_
     assert {m["name"] for m in run["matrices"]} == set(live_mats)
     for m in run["matrices"]:
         assert m["changed"] == live_mats[m["name"]]["changed"]
+
+
+def test_compare_reuses_the_spectra_saved_with_the_base(tiny_model_path, tmp_path, monkeypatch):
+    """The live run saved the exact step-0 spectra with its base; compare takes them
+    instead of recomputing them (its most expensive step), with the same results."""
+    import rlmonitor.core.spectral as spectral
+    from rlmonitor.apps.compare import compare_output_dir
+
+    out = tmp_path / "run"
+    _grpo(tiny_model_path, out, every_n_steps=4, k=4)
+    saved = out / "rlmonitor" / "base" / "spectra.safetensors"
+    assert saved.is_file()
+    saved.rename(saved.with_suffix(".away"))  # without it compare computes the spectra itself
+    fresh = compare_output_dir(str(out), k=4).report["runs"][0]["scalars"]
+    saved.with_suffix(".away").rename(saved)
+
+    def no_recompute(*a, **k):
+        raise AssertionError("the base spectrum was recomputed")
+
+    monkeypatch.setattr(spectral, "base", no_recompute)
+    reused = compare_output_dir(str(out), k=4).report["runs"][0]["scalars"]
+    assert reused.keys() == fresh.keys()
+    for key, value in fresh.items():
+        assert reused[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key

@@ -42,8 +42,18 @@ import torch
 
 from .naming import MatrixSpec, canonical
 
-__all__ = ["BASE_FORMAT", "LoadedBase", "fingerprint", "identity_problem", "load_base", "save_base", "save_spectra",
-           "set_aside_base", "write_index"]
+__all__ = [
+    "BASE_FORMAT",
+    "LoadedBase",
+    "fingerprint",
+    "identity_problem",
+    "load_base",
+    "load_spectra",
+    "save_base",
+    "save_spectra",
+    "set_aside_base",
+    "write_index",
+]
 
 BASE_FORMAT = "rlmonitor.base/2"
 WEIGHTS, SPECTRA, META = "weights.safetensors", "spectra.safetensors", "base_meta.json"
@@ -174,6 +184,20 @@ def _read(files: list[Path], keep) -> dict[str, torch.Tensor]:
     return out
 
 
+def load_spectra(folder: str | Path, names: set[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """The saved step-0 spectra of a base folder (single or sharded), by matrix name
+    (``names``: only these). Empty when none were saved."""
+    folder = Path(folder)
+    files = sorted(folder.glob("spectra-*-of-*.safetensors")) or (
+        [folder / SPECTRA] if (folder / SPECTRA).exists() else [])  # fmt: skip
+    wanted = (lambda n: True) if names is None else (lambda n: n in names)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in _read(files, lambda k: wanted(k.rpartition("::")[0])).items():
+        name, _, field_ = k.rpartition("::")
+        out.setdefault(name, {})[field_] = v
+    return out
+
+
 def load_base(folder: str | Path, names: set[str] | None = None) -> LoadedBase | None:
     """What :func:`save_base` wrote (or a 0.1 base), or None if there is none. ``names``:
     load only these matrices (a rank of a sharded run reads its own)."""
@@ -184,17 +208,11 @@ def load_base(folder: str | Path, names: set[str] | None = None) -> LoadedBase |
     if (folder / INDEX).exists():
         files = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
         weight_files = [folder / f for f in files]
-        spectra_files = sorted(folder.glob("spectra-*-of-*.safetensors"))
     else:
         weight_files = [folder / WEIGHTS]
-        spectra_files = [folder / SPECTRA] if (folder / SPECTRA).exists() else []
     wanted = (lambda n: True) if names is None else (lambda n: n in names)
     weights = {k[: -len(".weight")]: v for k, v in _read(weight_files, lambda k: wanted(k[: -len(".weight")])).items()}
-    spectra: dict[str, dict[str, torch.Tensor]] = {}
-    for k, v in _read(spectra_files, lambda k: wanted(k.rpartition("::")[0])).items():
-        name, _, field_ = k.rpartition("::")
-        spectra.setdefault(name, {})[field_] = v
-    return LoadedBase(weights=weights, spectra=spectra, meta=meta, partial=names is not None)
+    return LoadedBase(weights=weights, spectra=load_spectra(folder, names), meta=meta, partial=names is not None)
 
 
 def identity_problem(base: LoadedBase) -> str | None:

@@ -285,12 +285,26 @@ def _plan(inp: Inputs, opts: Options, layers: list[int] | None, focus_layers: li
                 sorted(monitored))  # fmt: skip
 
 
+def _saved_spectra(base_ck, plan: Plan) -> dict | None:
+    """rlmonitor's saved base carries the exact step-0 spectra of its matrices: reuse them
+    (the most expensive step of a comparison) instead of recomputing them."""
+    if base_ck.kind != "rlmonitor-base" or not plan.monitored:
+        return None
+    from rlmonitor.core.basestore import load_spectra
+
+    try:
+        return load_spectra(base_ck.files[0].parent, {k[: -len(".weight")] for k in plan.monitored}) or None
+    except Exception:  # unreadable spectra: computed from the weights instead
+        return None
+
+
 def _stream(inp: Inputs, opts: Options, plan: Plan, result: CompareResult, progress: bool) -> Totals:
     """Process the jobs on a thread pool, adding up results in job order."""
     R = len(inp.run_cks)
     pairs = [(i, j) for i in range(R) for j in range(i + 1, R)]
     ctx = Ctx(inp.base_ck, inp.run_cks, opts.eta, opts.k, opts.alpha, opts.low_alpha, opts.full_spectrum, R,
-              pairs, f"BASE {inp.base}", [f"RUN {r}" for r in inp.runs], opts.geometry)  # fmt: skip
+              pairs, f"BASE {inp.base}", [f"RUN {r}" for r in inp.runs], opts.geometry,
+              _saved_spectra(inp.base_ck, plan))  # fmt: skip
     process = process_tensor_bits if plan.bits_path else process_tensor
     totals = Totals(R, pairs)
     bar = None

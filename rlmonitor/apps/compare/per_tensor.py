@@ -48,6 +48,7 @@ class Ctx:
     base_label: str
     run_labels: list[str]
     geometry: Any = None  # the engine's GeometryConfig
+    base_spectra: dict | None = None  # rlmonitor's saved step-0 spectra of BASE, by matrix name
 
     @property
     def M(self):  # the metrics module, imported on first use
@@ -172,6 +173,24 @@ class _Strict:
         raise CompareError(f"{self.where}: {metric}: {e}")
 
 
+def _saved_spectrum(c: Ctx, spec):
+    """The exact step-0 spectrum rlmonitor saved with a base (computed by the live run from
+    these very weights), when it serves this comparison's k; else None (computed here)."""
+    if c.base_spectra is None:
+        return None
+    from rlmonitor.core import spectral
+
+    tensors = c.base_spectra.get(spec.name)
+    if tensors is None:
+        return None
+    try:
+        got = spectral.from_tensors(tensors)
+    except (ValueError, KeyError, TypeError, RuntimeError):
+        return None  # damaged or foreign: recomputed from the weights
+    fits = got.shape == spec.shape and got.k >= min(c.geometry.k, *spec.shape)
+    return got if fits else None
+
+
 def _base_matrix(job: Job, c: Ctx, w0, out: dict):
     """BASE's side of a monitored matrix: ``(spec, engine base state, alpha grid of
     (alpha, principal, low-magnitude) masks on focus layers or None)``; records the
@@ -184,7 +203,7 @@ def _base_matrix(job: Job, c: Ctx, w0, out: dict):
 
     M, cfg = c.M, c.geometry
     spec = MatrixSpec.from_name(job.key, tuple(w0.shape))
-    base = prepare_base(cfg, spec, w0, _Strict(f"tensor {job.key} of {c.base_label}"))
+    base = prepare_base(cfg, spec, w0, _Strict(f"tensor {job.key} of {c.base_label}"), _saved_spectrum(c, spec))
     masks0 = (base.principal, base.low, base.principal_not_low)
     out["dens"] = (w0.numel(), *(M.count_true(m) for m in masks0))
     grid = None

@@ -26,14 +26,13 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_launcher
 from test_callback_grpo import sparsity_from
 
 from rlmonitor.core import keys
@@ -83,19 +82,10 @@ def _free_port() -> int:
 
 
 def _run(cmd: list[str], timeout: float) -> None:
-    """Run a launcher; on timeout kill its whole process group (the ranks too)."""
     env = {**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "OMP_NUM_THREADS": "1"}  # one thread per rank on any machine (2 ranks share the CPUs)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)  # fmt: skip
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"{cmd[3:6]} did not finish within {timeout} s (a rank waiting forever?):\n"
-                             f"{out[-3000:]}") from None  # fmt: skip
-    assert proc.returncode == 0, out[-6000:]
+    code, out = run_launcher(cmd, timeout, env)
+    assert code == 0, out[-6000:]
 
 
 def launch(engine: str, model: str, out: Path, *args: str, timeout: float = 240) -> dict[int, dict]:

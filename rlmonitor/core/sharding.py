@@ -39,15 +39,25 @@ def cost(spec: MatrixSpec, rank: int) -> float:
     return float(m * n) * (4.0 + min(rank, m, n))
 
 
-def balance(specs: Sequence[MatrixSpec], world: int, rank: int = 32) -> dict[str, int]:
+def balance(specs: Sequence[MatrixSpec], world: int, rank: int = 32,
+            groups: Sequence[Sequence[MatrixSpec]] | None = None) -> dict[str, int]:  # fmt: skip
     """Owner rank of every matrix: longest-processing-time-first greedy over :func:`cost`
-    (deterministic, so every rank computes the same assignment)."""
-    loads = [0.0] * world
+    (deterministic, so every rank computes the same assignment).
+
+    ``groups``: the matrices measured together (``layers_per_snapshot`` rotation). A
+    snapshot then takes as long as its slowest rank's share of *its* group, so each group
+    is balanced on its own; ties go to the rank with the least work overall, which keeps
+    the memory (every matrix's base lives on its owner) balanced too. Without groups:
+    one group of all matrices."""
+    total = [0.0] * world
     owner: dict[str, int] = {}
-    for spec in sorted(specs, key=lambda s: (-cost(s, rank), s.name)):
-        r = min(range(world), key=lambda i: (loads[i], i))
-        owner[spec.name] = r
-        loads[r] += cost(spec, rank)
+    for group in groups if groups else [specs]:
+        loads = [0.0] * world
+        for spec in sorted(group, key=lambda s: (-cost(s, rank), s.name)):
+            r = min(range(world), key=lambda i: (loads[i], total[i], i))
+            owner[spec.name] = r
+            loads[r] += cost(spec, rank)
+            total[r] += cost(spec, rank)
     return owner
 
 

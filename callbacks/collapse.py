@@ -12,6 +12,14 @@ Outputs, logged on the Trainer's x-axis to W&B (when a run is active) and to
 collapse) and ``collapse_reason``; one ``wandb.alert`` at the first detection;
 and with ``stop_on_collapse=True``, ``control.should_training_stop``.
 
+Distributed runs: rank 0 detects (it sees rlmonitor's records) and every rank must
+leave the training loop at the same step, or the others would wait forever in the
+next collective. With ``stop_on_collapse=True`` the decision is shared at every step
+end by an all-reduce of one flag over the callback's own gloo group (created on every
+rank at train start), and every rank sets ``should_training_stop`` together. A
+detection from the Trainer's logs (``on_log`` comes after ``on_step_end``) therefore
+stops the run one step later than in a single process.
+
 Resuming: at every checkpoint save the detectors' state is written next to the
 checkpoint (``<output_dir>/checkpoint-<step>/rlmonitor_collapse.json``); a run
 resumed from that checkpoint restores it, so warm-ups, baselines, patience streaks
@@ -83,6 +91,7 @@ class CollapseCallback(TrainerCallback):
         self._folder: Path | None = None
         self._active = False
         self._stop = False
+        self._group: Any = None  # gloo group sharing the stop decision (distributed runs only)
         self._resumed_at = -1
         if geometry is not None:
             geometry.listeners.append(self._on_geometry_item)
@@ -97,6 +106,11 @@ class CollapseCallback(TrainerCallback):
 
     # -- Trainer events -------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
+        if self.stop_on_collapse:
+            try:  # every rank: creating the group is a collective
+                self._group = _stop_group()
+            except Exception as e:
+                self._fail("creating the group that shares the stop decision", e)
         if not state.is_world_process_zero:
             return
         try:
@@ -127,14 +141,30 @@ class CollapseCallback(TrainerCallback):
                 self._observe(state.global_step, logs)
             except Exception as e:
                 self._fail("collapse detection", e)
-        if self._stop:
+        if self._stop and self._group is None:  # distributed: every rank stops at the next step end
             control.should_training_stop = True
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self._group is not None:
+            self._stop = self._share_stop()
         if self._stop:
             control.should_training_stop = True
         return control
+
+    def _share_stop(self) -> bool:
+        """True on every rank once any rank decided to stop: an all-reduce (max) of one
+        flag, run at every step end on every rank, so all leave the loop at the same step."""
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if self._stop else 0], dtype=torch.int32)
+        try:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        except Exception as e:
+            self._fail("sharing the stop decision with the other ranks", e)
+            return self._stop
+        return bool(flag.item())
 
     def on_save(self, args, state, control, **kwargs):
         if self._active:
@@ -232,3 +262,13 @@ class CollapseCallback(TrainerCallback):
         warnings.warn(f"rlmonitor: resuming at step {step} without a saved collapse-detector state (looked for "
                       f"{', '.join(map(str, paths))}); the detectors start a fresh warm-up", RuntimeWarning,
                       stacklevel=4)
+
+
+def _stop_group() -> Any:
+    """A gloo group of all ranks when ``torch.distributed`` runs more than one process,
+    else None. Its own group: the training's may be NCCL (CUDA tensors only)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    return dist.new_group(backend="gloo")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -27,6 +28,26 @@ def tiny_model_path(tmp_path_factory) -> str:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+def run_launcher(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[int, str]:
+    """Run a multi-process launcher (torch.distributed.run, accelerate launch); returns
+    (exit code, stdout + stderr). On timeout kill it and every process it started (the
+    ranks run in sessions of their own) and fail: a rank waiting forever in a collective."""
+    import psutil
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        for p in [*tree, proc]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[:6])} ... did not finish within {timeout} s (a rank waiting forever?):\n"
+                    f"{out[-3000:]}")  # fmt: skip
+    return proc.returncode, out
 
 
 def digit_reward(completions, **kwargs):

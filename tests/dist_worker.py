@@ -1,7 +1,7 @@
 """Worker for tests/test_distributed.py, launched with torch.distributed.run (2 CPU
 processes, gloo). Not a test module itself.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py {ddp,fsdp2} MODEL OUT
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py {ddp,fsdp2,order} MODEL OUT
 """
 
 from __future__ import annotations
@@ -126,8 +126,45 @@ def run_fsdp2(model_path: str, out: Path) -> None:
     dist.destroy_process_group()
 
 
+def run_order(model_path: str, out: Path) -> None:
+    """GeometryMonitor driven directly, with ranks out of step: rank 0 asks for its first
+    snapshot while its worker still computes the base (its agreement comes before its
+    base gather), rank 1 only after its worker has gathered (the other order). The
+    monitor's collectives must not depend on which thread gets there first."""
+    import time
+
+    from rlmonitor.core.config import GeometryConfig
+    from rlmonitor.core.monitor import GeometryMonitor
+    from rlmonitor.core.naming import MatrixSpec
+    from rlmonitor.core.sharding import Shards
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    specs = [MatrixSpec.from_name(f"layers.{i}.mlp.up_proj", (768, 512), None) for i in range(4)]
+    gen = torch.Generator().manual_seed(0)
+    weights = {s.name: torch.randn(s.shape, generator=gen) for s in specs}  # replicated, as DDP holds them
+    cfg = GeometryConfig(every_n_steps=1, k=8, wandb="off", plot_every_n_snapshots=0, flush_timeout_s=30)
+    mon = GeometryMonitor(cfg, specs, out / "rlmonitor", itemsizes={s.name: 4 for s in specs}, main=rank == 0,
+                          shards=Shards.current(specs))  # fmt: skip
+
+    def read(group):
+        for s in group:
+            yield s.name, weights[s.name]
+
+    mon.start(0, read, token=object())
+    if rank == 1:
+        time.sleep(1.0)
+    for step in (1, 2):
+        mon.snapshot(step, read, final=step == 2)
+        for w in weights.values():
+            w.add_(torch.randn(w.shape, generator=gen), alpha=1e-3)
+    mon.finish(2, read)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     mode, model_path, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     os.environ.setdefault("WANDB_MODE", "disabled")
     torch.manual_seed(0)
-    {"ddp": run_ddp, "fsdp2": run_fsdp2}[mode](model_path, out)
+    {"ddp": run_ddp, "fsdp2": run_fsdp2, "order": run_order}[mode](model_path, out)

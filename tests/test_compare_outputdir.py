@@ -188,6 +188,47 @@ def test_bad_saved_base(full_run, tmp_path, capsys, case):
     assert str(folder) in err and expected in err and "Traceback" not in err
 
 
+def _shard_base(folder: Path, world: int = 2) -> None:
+    """Rewrite a saved base as a distributed run writes it: one weights file per rank
+    (the matrices it owns) and the index, with rlmonitor's own writers."""
+    from rlmonitor.core.basestore import save_base, write_index
+
+    weights = load_file(str(folder / "weights.safetensors"))
+    meta = json.loads((folder / "base_meta.json").read_text())
+    names = sorted(k.removesuffix(".weight") for k in weights)
+    owner = {n: i % world for i, n in enumerate(names)}
+    shutil.rmtree(folder)
+    for r in range(world):
+        save_base(folder, {n: weights[n + ".weight"] for n in names if owner[n] == r}, {}, None, shard=(r, world))
+    write_index(folder, owner, world, meta)
+
+
+def test_sharded_saved_base(full_run, tmp_path, capsys):
+    out = _copy_out(full_run, tmp_path)
+    folder = out / "rlmonitor" / "base"
+    _shard_base(folder)
+    assert not (folder / "weights.safetensors").exists() and len(list(folder.glob("weights-*-of-*"))) == 2
+    rep = compare_output_dir(str(out), k=8, progress=False).report
+    ref = compare_output_dir(str(full_run["out"]), k=8, progress=False).report
+    assert rep["base"]["n_tensors"] == len(MONITORED)
+    by_name = lambda rows: {r["name"]: r for r in rows}  # noqa: E731 - the shards list them in another order
+    assert by_name(rep["runs"][0]["tensors"]) == by_name(ref["runs"][0]["tensors"])
+    assert by_name(rep["runs"][0]["spectral"]["matrices"]) == by_name(ref["runs"][0]["spectral"]["matrices"])
+    # damaged: a rank's file missing, or an index entry outside the folder
+    index = folder / "weights.safetensors.index.json"
+    doc = json.loads(index.read_text())
+    (folder / "weights-00001-of-00002.safetensors").rename(tmp_path / "aside.safetensors")
+    assert cli_main(["compare", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "1 of 2 weight files are missing" in err and "weights-00001-of-00002" in err and "Traceback" not in err
+    first = next(iter(doc["weight_map"]))
+    doc["weight_map"][first] = "../aside.safetensors"
+    index.write_text(json.dumps(doc))
+    assert cli_main(["compare", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "must be a file name inside" in err and "Traceback" not in err
+
+
 # ---------------------------------------------------------------------------
 # a PEFT LoRA run: adapter checkpoints applied to the saved base
 

@@ -5,12 +5,12 @@ equal single-process computations on the same weights."""
 from __future__ import annotations
 
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_launcher
 from test_callback_grpo import sparsity_from
 
 from rlmonitor.core.config import GeometryConfig
@@ -27,12 +27,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(mode: str, model: str, out: Path) -> tuple[list[dict], dict[int, dict[str, torch.Tensor]]]:
+def _launch(mode: str, model: str, out: Path, timeout: float = 600) -> tuple[list[dict], dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), str(WORKER), mode, model, str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return read_jsonl(out / "rlmonitor" / "metrics.jsonl"), torch.load(out / "saved.pt")
+    code, log = run_launcher(cmd, timeout)
+    assert code == 0, log[-4000:]
+    saved = out / "saved.pt"
+    return read_jsonl(out / "rlmonitor" / "metrics.jsonl"), torch.load(saved) if saved.exists() else {}
 
 
 def test_ddp_only_rank0_logs_and_values_match(tiny_model_path, tmp_path):
@@ -70,3 +71,11 @@ def test_fsdp2_sharded_metrics_equal_single_process(tiny_model_path, tmp_path):
     assert geo[5]["geometry/update_sparsity"] < 1.0
     kl = [r for r in rows if "kl/base_forward" in r]
     assert [r["step"] for r in kl] == [0, 2, 4] and kl[0]["kl/base_forward"] == 0.0 and kl[-1]["kl/base_forward"] > 0
+
+
+def test_ranks_out_of_step_do_not_cross_collectives(tmp_path):
+    """One rank's training thread reaches the drop agreement before its worker's base gather,
+    the other's after it: each thread has its own group, so neither order deadlocks."""
+    rows, _ = _launch("order", "-", tmp_path, timeout=90)
+    assert [r["step"] for r in rows if "geometry/update_sparsity" in r] == [1, 2]
+    assert all(r["geometry/errors"] == 0 for r in rows if "geometry/errors" in r)

@@ -10,6 +10,11 @@ under ``<output_dir>/<output_subdir>/base/`` (default subdir ``rlmonitor``):
 * ``base_meta.json``: ``{"format": "rlmonitor.base/2", "step": 0,
   "matrices": {name: [m, n]}, ...}``.
 
+A distributed run (every rank keeps its share of the matrices) writes the weights as
+``weights-<r>-of-<w>.safetensors``, one per rank, with the index
+``weights.safetensors.index.json`` (the Hugging Face sharded-checkpoint layout) in
+place of ``weights.safetensors``; both layouts are read the same way.
+
 :func:`open_saved_base` reads such a folder as a *partial* checkpoint (kind
 ``"rlmonitor-base"``): it holds only the monitored matrices, so ``compare`` compares
 exactly those. :func:`resolve_output_dir` turns a training output folder into
@@ -44,6 +49,7 @@ DEFAULT_SUBDIR = "rlmonitor"
 BASE_FORMAT = "rlmonitor.base/2"
 BASE_META = "base_meta.json"
 BASE_WEIGHTS = "weights.safetensors"
+BASE_INDEX = BASE_WEIGHTS + ".index.json"
 _CHECKPOINT_DIR = re.compile(r"checkpoint-(\d+)")
 _HOW_SAVED = (
     "rlmonitor's GeometryCallback saves it when training starts, in <output_dir>/<output_subdir>/base/ "
@@ -109,22 +115,52 @@ def _check_meta(meta_file: Path, meta: Any) -> tuple[int, dict[str, tuple[int, .
     return step, shapes
 
 
-def open_saved_base(folder: Path, label: str) -> SavedBaseCheckpoint:
-    """Open the saved base in ``folder`` (checks ``base_meta.json`` against the weights)."""
-    meta_file, weights = folder / BASE_META, folder / BASE_WEIGHTS
-    step, shapes = _check_meta(meta_file, read_json(meta_file))
-    if not weights.is_file():
+def _base_files(folder: Path) -> list[Path]:
+    """The weight files of a saved base: ``weights.safetensors``, or the per-rank files the
+    index of a sharded base names (plain file names inside ``folder``, all present)."""
+    if (folder / BASE_WEIGHTS).is_file():
+        return [folder / BASE_WEIGHTS]
+    index = folder / BASE_INDEX
+    if not index.is_file():
         raise CompareError(
-            f"{folder}: has {BASE_META} but no {BASE_WEIGHTS}; the base was not saved completely "
-            "(interrupted at the start of training?): rerun training with the callback to re-save it"
+            f"{folder}: has {BASE_META} but no {BASE_WEIGHTS} (nor {BASE_INDEX}); the base was not saved "
+            "completely (interrupted at the start of training?): rerun training with the callback to re-save it"
         )
-    ck = SavedBaseCheckpoint(path=label, kind="rlmonitor-base", files=[weights])
+    fix = "the sharded base is damaged: rerun training with the callback to re-save it"
+    data = read_json(index)
+    wmap = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(wmap, dict) or not wmap:
+        raise CompareError(f"{index}: must hold a non-empty 'weight_map' {{tensor: file}}; {fix}")
+    files: list[Path] = []
+    for name, shard in wmap.items():
+        if not isinstance(shard, str) or shard in ("", ".", "..") or Path(shard).name != shard:
+            raise CompareError(f"{index}: weight_map[{str(name)[:80]!r}] must be a file name inside {folder}, got "
+                               f"{str(shard)[:80]!r}; {fix}")  # fmt: skip
+        path = folder / shard
+        if path.is_symlink() and not path.resolve().is_relative_to(folder.resolve()):
+            raise CompareError(f"{index}: {shard} links outside {folder}; {fix}")
+        if path not in files:
+            files.append(path)
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CompareError(f"{index}: {len(missing)} of {len(files)} weight files are missing (first: "
+                           f"{', '.join(missing[:3])}); {fix}")  # fmt: skip
+    return files
+
+
+def open_saved_base(folder: Path, label: str) -> SavedBaseCheckpoint:
+    """Open the saved base in ``folder`` (checks ``base_meta.json`` against the weights;
+    a sharded base is read through its index)."""
+    meta_file = folder / BASE_META
+    step, shapes = _check_meta(meta_file, read_json(meta_file))
+    files = _base_files(folder)
+    ck = SavedBaseCheckpoint(path=label, kind="rlmonitor-base", files=files)
     stored = {k: tuple(ck.info(k).shape) for k in ck.names()}
     if stored != shapes:
         odd = sorted(set(stored) ^ set(shapes)) or [k for k in stored if stored[k] != shapes[k]]
         raise CompareError(
-            f"{folder}: {BASE_WEIGHTS} ({len(stored)} tensors) does not match the matrices listed in {BASE_META} "
-            f"({len(shapes)}), e.g. {odd[0]}; the base was not saved completely: rerun training with the callback"
+            f"{folder}: {' + '.join(f.name for f in files)} ({len(stored)} tensors) does not match the matrices "
+            f"listed in {BASE_META} ({len(shapes)}), e.g. {odd[0]}; the base was not saved completely: rerun training with the callback"
         )
     where = str(folder) if Path(label).resolve() == folder.resolve() else f"{label} (saved base in {folder})"
     ck.notes.append(

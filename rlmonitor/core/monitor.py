@@ -53,7 +53,7 @@ from .config import GeometryConfig
 from .dashboards import Dashboard, png_array, render_png, save_pngs
 from .engine import GeometryAnalyzer, GeometryRecord
 from .naming import MatrixSpec
-from .sharding import Shards
+from .sharding import Shards, balance
 from .sinks import LocalSink, LogItem, WandbSink
 from .snapshot import Snapshot, SnapshotTaker
 from .worker import MonitorWorker
@@ -95,11 +95,13 @@ class GeometryMonitor:
         self.config, self.specs, self.folder = config, list(specs), Path(folder)
         self.itemsizes, self.main, self.sharded = dict(itemsizes), main, sharded
         self.shards = shards if shards is not None else Shards.single(self.specs)
+        self.groups = self._rotation(self.specs)
+        if self.shards.distributed and len(self.groups) > 1:  # rotation: balance each group's snapshot
+            self.shards.owner = balance(self.specs, self.shards.world, config.k + 16, self.groups)
         self.mine = self.shards.mine(self.specs)  # the matrices this process keeps and measures
         #: this process measures (rank 0 of one process, every rank of a distributed run)
         self.active = main or self.shards.distributed
         self.fingerprint = fingerprint(self.specs, identity)
-        self.groups = self._rotation(self.specs)
         need = self.estimate_bytes()
         if need > config.max_snapshot_memory_gb * _GIB:
             raise ValueError(

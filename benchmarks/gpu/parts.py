@@ -180,6 +180,8 @@ def spectral_cmd(ctx: Context, timeout: float) -> list[str] | None:
     if not script.exists():
         return None
     cmd = [ctx.python, str(script), "--device", ctx.device, "--quick"]
+    if ctx.dry:  # the plumbing only: one spectrum, one layer, one repeat
+        cmd += ["--spectra", "inv", "--qwen-spectra", "inv", "--layers", "1", "--repeats", "1"]
     if re.search(r"""["']--json["']""", script.read_text(encoding="utf-8", errors="replace")):
         cmd += ["--json", str(ctx.work / "spectral_accuracy.json")]
     return cmd

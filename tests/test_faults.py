@@ -201,7 +201,7 @@ def test_slow_base_save_keeps_the_kl_probe_with_the_base(tiny_model_path, tmp_pa
     """The KL probe's base policy lives beside the base weights; a slow disk under the
     worker's base save must not set it aside, and a resume must not rebuild it from
     resumed weights."""
-    import rlmonitor.core.monitor as monitor_mod
+    import rlmonitor.core.monitor_base as monitor_mod
 
     real = monitor_mod.save_base
 

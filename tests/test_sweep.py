@@ -133,7 +133,7 @@ def test_qwen_gsm8k_sweeps_plan_the_paper_grid(capsys, monkeypatch, tmp_path, pa
         (args,) = parser.parse_args_into_dataclasses(args=cmd[len(launcher) + 1 :])
         assert (args.model_name_or_path, args.dataset, args.dataset_config) == (model, "openai/gsm8k", "main")
         assert args.use_vllm is True and args.device == "cuda" and args.report_to == "wandb"
-        assert args.stop_on_collapse is (gpus == 1)  # a rank-0-only stop would strand the other ranks
+        assert args.stop_on_collapse  # the stop reaches every rank (tests/test_dist_launch.py)
         assert args.per_device_train_batch_size * gpus % args.num_generations == 0
         assert args.max_steps * args.per_device_train_batch_size * gpus // args.num_generations <= args.num_train_samples
         assert Path(args.output_dir).parent == tmp_path

@@ -9,9 +9,7 @@ workspace`` is checked against the keys those runs really logged.
 from __future__ import annotations
 
 import json
-import os
 import re
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,20 +25,6 @@ pytestmark = pytest.mark.slow
 LAYERS = 24
 MAX_KEYS = 40
 OURS = ("geometry/", "kl/", "collapse/")  # prefixes of rlmonitor's W&B keys (test-side only)
-
-
-@contextmanager
-def _env(**values: str):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _tiny24():
@@ -74,7 +58,9 @@ def default_run(tmp_path_factory):
     from rlmonitor.toy import make_dataset
 
     folder = tmp_path_factory.mktemp("wandb-default")
-    with _env(WANDB_DIR=str(folder), WANDB_MODE="offline"):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_DIR", str(folder))
+        mp.setenv("WANDB_MODE", "offline")
         model, tok = _tiny24()
         # default key layout; a small KL probe only to keep the test fast (same keys)
         geo = GeometryCallback(every_n_steps=2, k=4, kl={"kl_probe_size": 2, "kl_probe_max_new_tokens": 8})
@@ -98,7 +84,9 @@ def opt_in_run(tmp_path_factory):
     from rlmonitor import GeometryCallback
 
     folder = tmp_path_factory.mktemp("wandb-opt-in")
-    with _env(WANDB_DIR=str(folder), WANDB_MODE="offline"):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_DIR", str(folder))
+        mp.setenv("WANDB_MODE", "offline")
         model, _ = _tiny24()
         ids = torch.randint(4, model.config.vocab_size, (16, 12), generator=torch.Generator().manual_seed(0))
         ds = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})

@@ -196,7 +196,7 @@ MATRICES_WITHOUT_BASE = Key("geometry/matrices_without_base", section="system",
                              meaning="monitored matrices the saved base lacks (a resume with other include patterns): "
                                      "not measured, named in a warning and flagged in matrices.jsonl")  # fmt: skip
 BASE_IS_RESUMED = Key("geometry/base_is_resumed", section="system",
-                      meaning="1 if a resumed run found no saved base and measures against the resumed weights")  # fmt: skip
+                      meaning="1 if a resumed run measures against the resumed weights (no usable saved base: missing, unreadable or failing its identity check) or against a base saved at a step other than 0")  # fmt: skip
 
 # ---------------------------------------------------------------------------------------
 # geometry: images, tables and line series

@@ -134,7 +134,10 @@ def worker_ours(base: str, run: str) -> dict:
     from rlmonitor.cli import main
 
     out = Path(tempfile.mkdtemp()) / "report.json"
-    if main(["compare", base, run, "--k", str(K), "--json", str(out), "--no-progress", "--quiet"]) != 0:
+    # --threads: as many cores as the naive worker's torch threads (compare's default is min(4, cores))
+    cores = os.environ.get("OMP_NUM_THREADS", "1")
+    if main(["compare", base, run, "--k", str(K), "--threads", cores, "--json", str(out), "--no-progress",
+             "--quiet"]) != 0:  # fmt: skip
         raise SystemExit(1)
     r = json.loads(out.read_text())["runs"][0]
     return {"angles": {m["name"]: max(m["angle_left_max_deg"], m["angle_right_max_deg"]) for m in r["matrices"]},
@@ -172,7 +175,8 @@ def main() -> None:
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--rel", type=float, default=1e-3, help="relative Frobenius size of the RUN's update")
-    ap.add_argument("--threads", type=int, default=1, help="torch/BLAS threads of every worker (default 1)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="cores of every worker: torch/BLAS threads, compare's --threads (default 1)")  # fmt: skip
     ap.add_argument("--check", type=int, default=3, help="matrices checked against numpy's fp64 SVD")
     args = ap.parse_args()
     if args.worker:

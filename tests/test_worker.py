@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import sys
 import threading
 
 import pytest
@@ -54,3 +55,33 @@ def test_worker_drops_when_busy_and_survives_failures():
     w.flush()
     w.close()
     assert ran == [1, 3] and w.dropped == 1 and w.errors == 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+def test_worker_runs_at_lower_priority_than_training():
+    """The worker thread (and only it) runs ``nice`` steps below the training thread."""
+    here = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen = {}
+
+    def job():
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    w = MonitorWorker(nice=5)
+    w.submit(job, block=True)
+    assert w.close(timeout=10) == 0
+    assert seen["nice"] == min(19, here + 5)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == here  # training's priority unchanged
+    assert os.getpriority(os.PRIO_PROCESS, 0) == here
+
+    w = MonitorWorker(nice=0)
+    w.submit(job, block=True)
+    assert w.close(timeout=10) == 0
+    assert seen["nice"] == here
+
+
+@pytest.mark.parametrize("bad", [-1, 20, 2.5, True])
+def test_worker_nice_is_validated(bad):
+    from rlmonitor.core.config import GeometryConfig
+
+    with pytest.raises(ValueError, match="worker_nice"):
+        GeometryConfig(worker_nice=bad)

@@ -8,7 +8,7 @@ field, the value and the fix.
 - *When*: ``every_n_steps``, ``layers_per_snapshot``.
 - *What*: ``include``, ``exclude``, ``k``, ``spectral``, ``compare_previous``,
   ``principal_alpha``, ``low_alpha``, ``eta``, ``min_rel_gap``.
-- *Resources*: ``snapshot_dtype``, ``max_snapshot_memory_gb``, ``worker_threads``,
+- *Resources*: ``snapshot_dtype``, ``max_snapshot_memory_gb``, ``worker_threads``, ``worker_nice``,
   ``async_metrics``, ``flush_timeout_s``.
 - *Output*: ``heatmap_layers``, ``heatmap_kinds``, ``smooth_window``,
   ``plot_every_n_snapshots``, ``per_kind_keys``, ``per_layer_keys``, ``wandb``,
@@ -65,6 +65,10 @@ class GeometryConfig:
                                                  "interval.", default=None)  # fmt: skip
     worker_threads: int | None = help_field("MKL/OpenMP threads of the background worker thread only (training keeps "
                                             "its own); None = cpu_count // 4, at least 1.", default=None)  # fmt: skip
+    worker_nice: int = help_field("How much lower the background worker's CPU priority is than training's (Linux "
+                                  "niceness, 0-19; 0 = equal). On CPU-bound training (no GPU) a higher value slows "
+                                  "the steps less but delays the measurements, which may then miss train end "
+                                  "(flush_timeout_s): see benchmarks/RESULTS.md.", default=0)  # fmt: skip
     async_metrics: bool = help_field("Compute metrics on a background thread so the training loop only pays for the "
                                      "snapshot copy.", default=True)  # fmt: skip
     flush_timeout_s: float = help_field("Longest wait for queued measurements at train end, on an exception, "
@@ -104,6 +108,9 @@ class GeometryConfig:
         c.number("flush_timeout_s", 0.0, fix="use a finite number of seconds >= 0, e.g. 60")
         c.integer("layers_per_snapshot", optional=True, fix="use a positive number of layers, or None for all")
         c.integer("worker_threads", optional=True, fix="use a positive number of threads, or None for cpu_count // 4")
+        c.integer("worker_nice", lo=0, fix="use a niceness from 0 (the training's priority) to 19 (the lowest)")
+        if self.worker_nice > 19:
+            raise c.fail("worker_nice", "use a niceness from 0 (the training's priority) to 19 (the lowest)")
         c.choice("snapshot_dtype", ("auto", "bfloat16", "float32"))
         c.choice("wandb", ("auto", "off"))
         for name in ("spectral", "compare_previous", "async_metrics", "per_kind_keys", "per_layer_keys"):

@@ -211,7 +211,8 @@ class GeometryMonitor(BaseKeeping):
         if not self.mine:  # a rank that owns nothing (more ranks than matrices) measures nothing
             self.analyzer.restrict(())
         threads = cfg.worker_threads or max(1, (os.cpu_count() or 1) // 4)
-        self.worker = MonitorWorker(async_=cfg.async_metrics, max_pending=self.max_pending, threads=threads)
+        self.worker = MonitorWorker(async_=cfg.async_metrics, max_pending=self.max_pending, threads=threads,
+                                    nice=cfg.worker_nice)
         self.taker = SnapshotTaker(self._dtype(), slots=self.max_pending + 3)
         exits.register(self)
         self._take_or_load_base(step, read)

@@ -8,7 +8,9 @@ times, interleaved ``--rounds`` times (the order rotated each round): without th
 at the default interval. Reports the mean seconds per optimizer step of each (the
 steps after ``--warmup``, snapshot steps included, the final step excluded: it
 waits for the last measurement, a once-per-run cost reported on its own; median
-over rounds) and the ratios.
+over rounds) and the ratios, and apart from them the once-per-run costs: the run's wall
+time, the callback's train-start cost, how long its worker then stays busy with the
+step-0 base (off the training thread), the final step and the train-end flush.
 
 With ``--json PATH`` it also writes, after every run, the per-step times, the
 callback's train-start cost (base snapshot, plus the KL probe's setup), the time
@@ -19,7 +21,7 @@ the peak GPU memory, and each run's ``geometry/snapshot_seconds``,
 
     python benchmarks/bench_callback_overhead.py [--steps 40] [--rounds 3] [--size tiny|0.5b]
         [--device cpu|cuda] [--interval 20] [--warmup 3] [--model-dtype float32|bfloat16]
-        [--model-dir DIR] [--json PATH] [--prewarm] [--deadline SECONDS]
+        [--model-dir DIR] [--json PATH] [--prewarm] [--deadline SECONDS] [--variants none geometry ...]
 """
 
 from __future__ import annotations
@@ -188,6 +190,10 @@ def summarize(runs: list[dict]) -> dict:
     means = {v: [r["mean_step_seconds"] for r in runs if r["variant"] == v and r["mean_step_seconds"]] for v in VARIANTS}
     med = {v: statistics.median(m) for v, m in means.items() if m}
     out: dict = {"mean_step_seconds": med}
+    for field in ("train_seconds", "train_begin_seconds", "worker_idle_after_start_seconds", "final_step_seconds",
+                  "train_end_seconds"):
+        vals = {v: [r[field] for r in runs if r["variant"] == v and r.get(field) is not None] for v in VARIANTS}
+        out[field] = {v: statistics.median(x) for v, x in vals.items() if x}
     if "none" in med and "geometry" in med:
         out["geometry_overhead"] = med["geometry"] / med["none"] - 1
     if "none" in med and "geometry+kl" in med:
@@ -217,6 +223,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model-dir", help="where the random model is saved (reused if present; default: a temp dir)")
     ap.add_argument("--json", help="write the results here (rewritten after every run)")
     ap.add_argument("--prewarm", action="store_true", help="one short unmeasured run first (GPU warm-up)")
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                    help="which runs to make (default: all three; 'none' is needed for the ratios)")
     ap.add_argument("--deadline", type=float, default=None,
                     help="seconds: start no round that would end later than this, judged by the rounds so far")
     args = ap.parse_args(argv)
@@ -237,11 +245,12 @@ def rounds(path: str, args: argparse.Namespace, config: dict) -> list[dict]:
             print(f"stopping after {r} round(s): another would end past --deadline {args.deadline:.0f} s")
             break
         t_round = time.perf_counter()
-        for i in range(len(VARIANTS)):
-            variant = VARIANTS[(i + r) % len(VARIANTS)]
+        variants = [v for v in VARIANTS if v in args.variants]
+        for i in range(len(variants)):
+            variant = variants[(i + r) % len(variants)]
             print(f"[{time.strftime('%H:%M:%S')}] round {r + 1}/{args.rounds}: {variant}", flush=True)
             runs.append(run(path, variant, args) | {"round": r})
-            config["rounds_completed"] = r + (i == len(VARIANTS) - 1)
+            config["rounds_completed"] = r + (i == len(variants) - 1)
             if args.json:
                 write_json(args.json, {"config": config, "runs": runs, "summary": summarize(runs)})
         longest = max(longest, time.perf_counter() - t_round)
@@ -260,9 +269,18 @@ def main(argv: list[str] | None = None) -> None:
           f"interval {args.interval}; mean over steps {args.warmup + 1}..{args.steps - 1}")  # fmt: skip
     for k, v in summary["mean_step_seconds"].items():
         print(f"  {k:12s} mean step {v * 1e3:8.1f} ms (median of rounds)")
-    print(f"geometry overhead: {summary['geometry_overhead']:+.1%} (target <= +10% tiny CPU, <= +2% GPU 0.5B)")
-    print(f"geometry+KL overhead: {summary['geometry_kl_overhead']:+.1%}")
-    print(f"KL probe share of step time: {summary['kl_share_of_step']:+.1%}")
+    print("  once per run (seconds, median of rounds): train wall / callback's train start / worker busy with the "
+          "base after it / final step / callback's train end")
+    for v in summary["train_seconds"]:
+        row = [summary[f].get(v) for f in ("train_seconds", "train_begin_seconds", "worker_idle_after_start_seconds",
+                                           "final_step_seconds", "train_end_seconds")]
+        print(f"  {v:12s} " + " / ".join("-" if x is None else f"{x:.2f}" for x in row))
+    for key, label in (("geometry_overhead", "geometry overhead (mean step)"),
+                       ("geometry_kl_overhead", "geometry+KL overhead (mean step)"),
+                       ("kl_share_of_step", "KL probe share of step time")):
+        if key in summary:
+            print(f"{label}: {summary[key]:+.1%}" + (" (target <= +10% tiny CPU, <= +2% GPU 0.5B)"
+                                                     if key == "geometry_overhead" else ""))
 
 
 if __name__ == "__main__":

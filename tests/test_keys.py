@@ -58,9 +58,9 @@ def test_library_code_types_no_metric_key_literals():
 def test_nothing_points_outside_the_repository():
     hits = []
     for path in _tracked():
-        if path.suffix in {".png", ".jpg", ".safetensors"} or not path.is_file() or path.name == "test_keys.py":
+        if path.suffix in {".png", ".jpg", ".safetensors"} or not path.is_file():
             continue
         text = path.read_text(errors="ignore")
-        if re.search(r"(?<![\w.])shared/", text):
+        if re.search(r"(?<![\w.])shared[/]", text):  # written so that this line does not match itself
             hits.append(str(path.relative_to(ROOT)))
     assert not hits, hits

@@ -108,9 +108,10 @@ class GeometryConfig:
         c.number("flush_timeout_s", 0.0, fix="use a finite number of seconds >= 0, e.g. 60")
         c.integer("layers_per_snapshot", optional=True, fix="use a positive number of layers, or None for all")
         c.integer("worker_threads", optional=True, fix="use a positive number of threads, or None for cpu_count // 4")
-        c.integer("worker_nice", lo=0, fix="use a niceness from 0 (the training's priority) to 19 (the lowest)")
+        nice_fix = "use a niceness from 0 (the training's priority) to 19 (the lowest)"
+        c.integer("worker_nice", lo=0, fix=nice_fix)
         if self.worker_nice > 19:
-            raise c.fail("worker_nice", "use a niceness from 0 (the training's priority) to 19 (the lowest)")
+            raise c.fail("worker_nice", nice_fix)
         c.choice("snapshot_dtype", ("auto", "bfloat16", "float32"))
         c.choice("wandb", ("auto", "off"))
         for name in ("spectral", "compare_previous", "async_metrics", "per_kind_keys", "per_layer_keys"):

@@ -623,3 +623,27 @@ def test_compare_bitwise_bound_is_the_metric_cores():
     from rlmonitor.metrics import masks
 
     assert compare_module.BITWISE_ETA_LIMIT == masks.BITWISE_ETA_LIMIT
+
+
+def test_spectral_figures_share_one_scale_across_runs(ckpts, tmp_path, monkeypatch):
+    """principal_angles and principal_angle_curves: every run's angle panels (left and right)
+    on one y scale, the drift panels on another, so runs read against each other."""
+    from rlmonitor.apps.compare import figures
+
+    saved = {}
+    real = figures._save
+
+    def keep(fig, path, paths):
+        saved[Path(path).name] = fig
+        real(fig, path, paths)
+
+    monkeypatch.setattr(figures, "_save", keep)
+    result = compare(str(ckpts["base"]), [str(ckpts["a"]), str(ckpts["b"])], k=8, names=["A", "B"])
+    figures.write_figures(result, tmp_path)
+    angles = saved["principal_angles.png"].axes
+    ylims = [ax.get_ylim() for ax in angles]
+    assert len(ylims) == 6
+    assert ylims[0] == ylims[1] == ylims[3] == ylims[4]  # run A left/right, run B left/right
+    assert ylims[2] == ylims[5] and ylims[2] != ylims[0]  # drift: its own shared scale
+    curves = [ax.get_ylim() for ax in saved["principal_angle_curves.png"].axes]
+    assert len(curves) == 4 and len(set(curves)) == 1

@@ -26,6 +26,15 @@ def _figure(nrows: int, ncols: int, w: float, h: float):
     return fig, axes
 
 
+def _same_ylim(axes) -> None:
+    """One y scale for ``axes`` (the union of their ranges), so that runs (and the left and
+    right angle panels) read against each other."""
+    lims = [ax.get_ylim() for ax in axes]
+    lo, hi = min(a for a, _ in lims), max(b for _, b in lims)
+    for ax in axes:
+        ax.set_ylim(lo, hi)
+
+
 def _save(fig, path: Path, paths: list[str]) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -135,6 +144,8 @@ def _principal_angles(spec_runs: list[dict], out: Path, paths: list[str]) -> Non
     for ax, title in zip(axes[0], ("max principal angle, left", "max principal angle, right",
                                    spec_runs[0]["spectral"]["drift_metric"]), strict=True):  # fmt: skip
         ax.set_title(title, fontsize=9)
+    _same_ylim([ax for row in axes for ax in row[:2]])  # angles: every run, left and right
+    _same_ylim([row[2] for row in axes])  # drift: every run
     _save(fig, out / "principal_angles.png", paths)
 
 
@@ -157,6 +168,7 @@ def _angle_curves(spec_runs: list[dict], focus: list[int], out: Path, paths: lis
         row[0].legend(fontsize=6, ncols=2)
     axes[0][0].set_title("principal angles, left", fontsize=9)
     axes[0][1].set_title("principal angles, right", fontsize=9)
+    _same_ylim([ax for row in axes for ax in row])
     _save(fig, out / "principal_angle_curves.png", paths)
 
 

@@ -200,6 +200,10 @@ def main() -> None:
     (out / f"rank-{rank}-{opts.tag}.json").write_text(json.dumps(report))
     if rank == 0:
         torch.save(saved, out / f"saved-{opts.tag}.pt")
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # every group (the monitor's too) torn down in order, as
+        dist.destroy_process_group()  # PyTorch asks of a distributed program, not by interpreter-exit teardown
 
 
 if __name__ == "__main__":
